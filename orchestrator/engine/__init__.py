@@ -1,0 +1,1 @@
+"""The engine: compose the components of a run, synthesise the DeepSpeed config, train, checkpoint, evaluate."""

@@ -1,0 +1,61 @@
+"""What evaluators receive: the trained encoders and batched, normalised encode helpers."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class EvalContext:
+    image_encoder: nn.Module
+    text_encoder: nn.Module | None  # the same module as image_encoder when one tower is shared
+    dataset: Any
+    device: torch.device
+    dtype: torch.dtype = torch.float32
+    batch_size: int = 256
+
+    @property
+    def shared(self) -> bool:
+        return self.text_encoder is self.image_encoder
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+    @torch.no_grad()
+    def encode_images(self, images: Sequence[torch.Tensor] | torch.Tensor) -> torch.Tensor:
+        """L2-normalised embeddings of raw image tensors (each C x H x W in [0, 1]), in float32."""
+        transform = self.image_encoder.transform
+        out = []
+        for start in range(0, len(images), self.batch_size):
+            batch = torch.stack([transform(img) for img in images[start:start + self.batch_size]])
+            with self._autocast():
+                kwargs = {"modality": "image"} if self.shared else {}
+                out.append(self.image_encoder(batch.to(self.device), **kwargs).float())
+        return F.normalize(torch.cat(out), dim=-1)
+
+    @torch.no_grad()
+    def encode_texts(self, texts: Sequence[str]) -> torch.Tensor:
+        """L2-normalised embeddings of captions, in float32."""
+        if self.text_encoder is None:
+            raise RuntimeError("this run has no text tower")
+        out = []
+        for start in range(0, len(texts), self.batch_size):
+            tokens = self.text_encoder.tokenize(list(texts[start:start + self.batch_size]))
+            with self._autocast():
+                kwargs = {"modality": "text"} if self.shared else {}
+                out.append(self.text_encoder(tokens.to(self.device), **kwargs).float())
+        return F.normalize(torch.cat(out), dim=-1)
+
+    def encode_split(self, split: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """Embeddings and labels of every sample of a labelled split."""
+        images = [split[i]["image"] for i in range(len(split))]
+        return self.encode_images(images), torch.as_tensor(split.labels)

@@ -1,0 +1,31 @@
+"""What lifecycle hooks learn about a run."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    id: int
+    uid: str
+    name: str
+    spec: dict[str, Any]
+    spec_hash: str
+    attempt: int
+    run_dir: Path
+    device: str | None = None
+
+    @property
+    def spec_path(self) -> Path:
+        return self.run_dir / "spec.json"
+
+    @property
+    def weights_path(self) -> Path:
+        return self.run_dir / "final" / "weights.pt"
+
+    @property
+    def eval_report_path(self) -> Path:
+        return self.run_dir / "final" / "eval.json"
