@@ -15,6 +15,7 @@ import importlib.util
 import inspect
 import os
 import typing
+import warnings
 from dataclasses import dataclass, field
 from importlib.metadata import EntryPoint, entry_points
 from pathlib import Path
@@ -179,6 +180,15 @@ class Registry:
             broken = [b.name for b in self.broken]
             extra = f" (broken plugins: {', '.join(broken)}; see `orch plugins`)" if broken else ""
             raise UserError(f"unknown {kind} {name!r}: {hint}{extra}") from None
+
+    def notify(self, hook: str, **kwargs: Any) -> None:
+        """Call a lifecycle hook on every plugin; one that raises warns and never stops the run."""
+        for impl in getattr(self.pm.hook, hook).get_hookimpls():
+            try:
+                impl.function(**{name: kwargs[name] for name in impl.argnames})
+            except Exception as exc:  # noqa: BLE001
+                warnings.warn(f"plugin {impl.plugin_name} failed in {hook}: {type(exc).__name__}: {exc}; "
+                              f"the run continues", stacklevel=2)
 
     def all(self) -> list[Component]:
         comps = [c for kind in KINDS for c in sorted(self.components[kind].values(), key=lambda c: c.name)]

@@ -40,7 +40,7 @@ def trainer(
     batch_size: int = 128,
     lr: float = 1e-3,
     weight_decay: float = 0.1,
-    warmup: int = 50,
+    warmup: int | None = None,
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto",
     zero: Literal[0, 1, 2, 3] = 0,
     gpus: int = 1,
@@ -50,12 +50,15 @@ def trainer(
     checkpoint_every: int = 100,
     eval_every: int = 0,
     log_every: int = 10,
+    workers: int = 0,
 ) -> None:
     """Trainer settings: every one is a command-line flag (``--batch-size``) with this default.
 
     ``batch_size`` is the global batch (all ranks, all accumulation steps), as papers report it.
     ``gpus`` is the number of training processes: one per GPU, or gloo processes on a CPU-only machine.
     ``precision=auto`` trains in bf16 on GPUs that support it and in fp32 on the CPU.
+    ``warmup`` (linear, then cosine decay to 0) defaults to a tenth of ``steps``.
+    ``workers`` is the number of data-loading processes per rank (0 loads in the training process).
     ``eval_every=0`` evaluates at the end only; ``checkpoint_every=0`` checkpoints at the end only.
     """
 
@@ -226,7 +229,11 @@ def resolve_trainer(raw: dict[str, str]) -> dict[str, Any]:
     for key in ("steps", "batch_size", "gpus", "accum"):
         if values[key] < 1:
             raise UserError(f"--{key.replace('_', '-')} must be at least 1, got {values[key]}")
-    for key in ("checkpoint_every", "eval_every", "warmup", "seed"):
+    if values["warmup"] is None:
+        values["warmup"] = values["steps"] // 10
+    elif values["warmup"] >= values["steps"]:
+        raise UserError(f"--warmup {values['warmup']} must be smaller than --steps {values['steps']}")
+    for key in ("checkpoint_every", "eval_every", "warmup", "seed", "workers"):
         if values[key] < 0:
             raise UserError(f"--{key.replace('_', '-')} must be 0 or more, got {values[key]}")
     if values["lr"] <= 0:

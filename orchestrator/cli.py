@@ -1,0 +1,330 @@
+"""The ``orch`` command line. Imports nothing heavy at module level: torch, deepspeed and mlflow only
+load in the training processes, so ``orch --help``, ``ls``, ``show``, ``plugins`` and ``queue`` start fast.
+
+A user's mistake is one line on stderr and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from datetime import datetime
+from typing import Any
+
+import click
+
+from orchestrator.errors import UserError
+
+COMPONENT_FLAGS = [
+    ("data", "dataset (default mnist)"),
+    ("encoder", "image tower, or one shared by both modalities (default vit)"),
+    ("text_encoder", "text tower, when the loss needs one (default text-transformer)"),
+    ("loss", "training objective (default infonce)"),
+    ("sampler", "batch construction (default random)"),
+    ("eval", "evaluator; repeat for several per run (default zs with a text tower, else knn)"),
+]
+
+
+def _run_options(func: Any) -> Any:
+    """The flags shared by ``queue`` and ``run``: components, then every trainer option."""
+    from orchestrator.spec import TRAINER_OPTIONS
+
+    for option in reversed(TRAINER_OPTIONS):
+        default = "tenth of --steps" if option.name == "warmup" else option.default
+        func = click.option(f"--{option.name.replace('_', '-')}", option.name, multiple=True,
+                            help=f"{option.type_name} (default {default}); repeat for a grid")(func)
+    for flag, help_text in reversed(COMPONENT_FLAGS):
+        func = click.option(f"--{flag.replace('_', '-')}", flag, multiple=True, metavar="NAME[:k=v,...]",
+                            help=help_text + ("" if flag == "eval" else "; repeat for a grid"))(func)
+    func = click.option("--name", default=None, help="run name (default: components and changed options)")(func)
+    func = click.option("--priority", default=0, type=int, help="higher runs first (default 0)")(func)
+    func = click.option("--max-attempts", default=3, type=click.IntRange(1), show_default=True,
+                        help="attempts before a run that keeps failing is marked failed")(func)
+    func = click.option("--again", is_flag=True, help="queue even if a run with the same spec exists")(func)
+    return func
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.option("--store", envvar="ORCH_STORE", default=None, metavar="URL",
+              help="SQLAlchemy URL of the experiment store [env ORCH_STORE; default sqlite:///experiments.db]")
+@click.option("--runs-dir", envvar="ORCH_RUNS_DIR", default=None, metavar="DIR",
+              help="where checkpoints, logs and final weights go [env ORCH_RUNS_DIR; default ./runs]")
+@click.pass_context
+def cli(ctx: click.Context, store: str | None, runs_dir: str | None) -> None:
+    """orch: queue, run, resume and compare contrastive pre-training experiments."""
+    ctx.obj = {"store": store, "runs_dir": runs_dir}
+
+
+def _store(ctx: click.Context):  # noqa: ANN202 - Store, imported lazily
+    from orchestrator.store import Store
+
+    return Store.open(ctx.obj["store"])
+
+
+# --- queueing and running --------------------------------------------------------------------------
+
+def _queue(ctx: click.Context, kwargs: dict[str, Any]) -> list[int]:
+    from orchestrator.registry import Registry
+    from orchestrator.spec import SLOTS, TRAINER_OPTIONS, expand_grid
+
+    registry = Registry.load()
+    choices = {slot: list(kwargs[slot]) for slot in SLOTS}
+    choices = {slot: values for slot, values in choices.items() if values}
+    trainer = {o.name: list(kwargs[o.name]) for o in TRAINER_OPTIONS if kwargs[o.name]}
+    runs = expand_grid(registry, choices, trainer, kwargs["name"])
+    store = _store(ctx)
+    new, seen = [], set()
+    for run in runs:
+        if run.hash in seen:
+            continue
+        seen.add(run.hash)
+        existing = store.find_by_hash(run.hash)
+        if existing and not kwargs["again"]:
+            click.echo(f"run {existing['id']} ({existing['status']}) already has this spec ({run.name}, "
+                       f"{run.hash[:12]}): not queued; pass --again to queue it anyway")
+            continue
+        new.append(run)
+    ids = store.add_runs([(r.spec, r.hash, r.name) for r in new], priority=kwargs["priority"],
+                         max_attempts=kwargs["max_attempts"])
+    for run_id, run in zip(ids, new):
+        click.echo(f"queued run {run_id}: {run.name} ({run.hash[:12]})")
+    return ids
+
+
+@cli.command()
+@_run_options
+@click.pass_context
+def queue(ctx: click.Context, **kwargs: Any) -> None:
+    """Queue runs: every flag is NAME[:key=value,...]; a repeated flag queues the grid."""
+    _queue(ctx, kwargs)
+
+
+@cli.command()
+@_run_options
+@click.option("--quiet", is_flag=True, help="no progress bar")
+@click.option("--lease", default=60.0, type=click.FloatRange(min=2), show_default=True, help="lease in seconds")
+@click.pass_context
+def run(ctx: click.Context, quiet: bool, lease: float, **kwargs: Any) -> None:
+    """Queue runs and execute them now, in the foreground."""
+    from orchestrator.worker import Worker, runs_dir
+
+    ids = _queue(ctx, kwargs)
+    worker = Worker(_store(ctx), runs_dir(ctx.obj["runs_dir"]), lease_seconds=lease, quiet=quiet, echo=click.echo)
+    statuses = []
+    for run_id in ids:
+        claim = worker.store.claim(worker.id, lease, run_id=run_id)
+        if claim is None:
+            click.echo(f"run {run_id} was taken by another worker")
+            continue
+        statuses.append(worker.execute(claim))
+    if any(s != "finished" for s in statuses):
+        sys.exit(1)
+
+
+@cli.command()
+@click.option("--once", is_flag=True, help="execute one run, then stop")
+@click.option("--forever", is_flag=True, help="keep polling for new runs instead of stopping when the queue is empty")
+@click.option("--lease", default=60.0, type=click.FloatRange(min=2), show_default=True,
+              help="seconds a run stays ours without a heartbeat")
+@click.option("--poll", default=5.0, type=click.FloatRange(min=0.1), show_default=True, help="seconds between polls")
+@click.option("--quiet", is_flag=True, help="no progress bar")
+@click.pass_context
+def worker(ctx: click.Context, once: bool, forever: bool, lease: float, poll: float, quiet: bool) -> None:
+    """Claim queued runs and execute them (resuming runs whose worker died)."""
+    from orchestrator.worker import Worker, runs_dir
+
+    w = Worker(_store(ctx), runs_dir(ctx.obj["runs_dir"]), lease_seconds=lease, quiet=quiet, echo=click.echo)
+    done = w.loop(once=once, forever=forever, poll_seconds=poll)
+    click.echo(f"worker {w.id}: executed {done} run(s); the queue is empty" if not once else
+               f"worker {w.id}: executed {done} run(s)")
+
+
+# --- looking at runs -----------------------------------------------------------------------------
+
+def _fmt_time(value: datetime | None) -> str:
+    return value.strftime("%Y-%m-%d %H:%M") if value else ""
+
+
+def _jsonable(row: dict[str, Any]) -> dict[str, Any]:
+    return {k: (v.isoformat() if isinstance(v, datetime) else v) for k, v in row.items()}
+
+
+def _headline(metrics: dict[str, float]) -> str:
+    evals = {k: v for k, v in metrics.items() if not k.startswith("train/")}
+    if evals:
+        key = sorted(evals)[0]
+        return f"{key} {evals[key]:.2f}"
+    return f"loss {metrics['train/loss']:.4f}" if "train/loss" in metrics else ""
+
+
+def _table(headers: list[str], rows: list[list[Any]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(*headers, box=None, header_style="bold", pad_edge=False)
+    for row in rows:
+        table.add_row(*[str(c) for c in row])
+    Console(soft_wrap=True).print(table)
+
+
+@cli.command(name="ls")
+@click.option("--status", "statuses", multiple=True,
+              type=click.Choice(["queued", "running", "finished", "failed", "cancelled"]), help="only these")
+@click.option("--limit", default=50, type=click.IntRange(0), show_default=True, help="0 for all")
+@click.option("--json", "as_json", is_flag=True, help="print JSON")
+@click.pass_context
+def ls(ctx: click.Context, statuses: tuple[str, ...], limit: int, as_json: bool) -> None:
+    """List runs, newest first."""
+    store = _store(ctx)
+    runs = store.runs(statuses, limit)
+    if as_json:
+        out = [{**_jsonable({k: v for k, v in r.items() if k != "spec"}), "metrics": store.final_metrics(r["id"])}
+               for r in runs]
+        click.echo(json.dumps(out, indent=2))
+        return
+    if not runs:
+        click.echo("no runs yet: try `orch run` or `orch queue`")
+        return
+    _table(["id", "status", "name", "attempt", "result", "created", "hash"],
+           [[r["id"], r["status"], r["name"], r["attempt"], _headline(store.final_metrics(r["id"])),
+             _fmt_time(r["created_at"]), r["spec_hash"][:12]] for r in runs])
+
+
+@cli.command()
+@click.argument("run_id", type=int)
+@click.option("--json", "as_json", is_flag=True, help="print JSON")
+@click.pass_context
+def show(ctx: click.Context, run_id: int, as_json: bool) -> None:
+    """Show a run: its resolved spec, attempts, checkpoints and final metrics."""
+    store = _store(ctx)
+    run = store.run(run_id)
+    attempts = store.attempts(run_id)
+    metrics = store.final_metrics(run_id)
+    checkpoint = store.latest_checkpoint(run_id)
+    if as_json:
+        click.echo(json.dumps({**_jsonable(run), "attempts": [_jsonable(a) for a in attempts], "metrics": metrics,
+                               "checkpoint": checkpoint}, indent=2))
+        return
+    click.echo(f"run {run['id']}: {run['name']}  [{run['status']}]")
+    click.echo(f"  hash {run['spec_hash']}  priority {run['priority']}  created {_fmt_time(run['created_at'])}")
+    if run["error"]:
+        click.echo(f"  error: {run['error']}")
+    spec = run["spec"]
+    for slot in ("data", "encoder", "text_encoder", "loss", "sampler"):
+        if spec.get(slot):
+            opts = ", ".join(f"{k}={v}" for k, v in spec[slot]["options"].items())
+            click.echo(f"  {slot:<12} {spec[slot]['name']} ({opts})  [{spec[slot]['plugin']['distribution']} "
+                       f"{spec[slot]['plugin']['version']}]")
+    for entry in spec["eval"]:
+        opts = ", ".join(f"{k}={v}" for k, v in entry["options"].items())
+        click.echo(f"  {'eval':<12} {entry['name']} ({opts})")
+    click.echo("  trainer      " + ", ".join(f"{k}={v}" for k, v in spec["trainer"].items()))
+    for a in attempts:
+        click.echo(f"  attempt {a['number']}: {a['outcome']} on {a['worker']} from {_fmt_time(a['started_at'])}"
+                   + (f": {a['error']}" if a["error"] else ""))
+    if checkpoint:
+        click.echo(f"  checkpoint   step {checkpoint['step']}: {checkpoint['path']}")
+    for key, value in sorted(metrics.items()):
+        click.echo(f"  {key:<24} {value:.4f}")
+
+
+@cli.command()
+@click.argument("run_id", type=int)
+@click.pass_context
+def cancel(ctx: click.Context, run_id: int) -> None:
+    """Cancel a queued or running run (a running one is stopped by its worker)."""
+    previous = _store(ctx).cancel(run_id)
+    click.echo(f"run {run_id} cancelled" + (" (its worker stops it at the next heartbeat)" if previous == "running"
+                                            else ""))
+
+
+@cli.command()
+@click.argument("run_id", type=int)
+@click.pass_context
+def resume(ctx: click.Context, run_id: int) -> None:
+    """Queue a failed or cancelled run again; it resumes from its last valid checkpoint."""
+    store = _store(ctx)
+    store.resume(run_id)
+    checkpoint = store.latest_checkpoint(run_id)
+    where = f"from step {checkpoint['step']}" if checkpoint else "from the start"
+    click.echo(f"run {run_id} queued again; a worker resumes it {where}")
+
+
+@cli.command()
+@click.argument("run_ids", type=int, nargs=-1, required=True)
+@click.option("--json", "as_json", is_flag=True, help="print JSON")
+@click.pass_context
+def compare(ctx: click.Context, run_ids: tuple[int, ...], as_json: bool) -> None:
+    """Final metrics of runs side by side, with the options in which their specs differ."""
+    store = _store(ctx)
+    runs = [store.run(i) for i in run_ids]
+    metrics = {r["id"]: store.final_metrics(r["id"]) for r in runs}
+    flat = {r["id"]: _flatten(r["spec"]) for r in runs}
+    keys = sorted(set().union(*flat.values()))
+    differences = {k: {i: flat[i].get(k) for i in flat} for k in keys if len({json.dumps(flat[i].get(k)) for i in flat}) > 1}
+    if as_json:
+        click.echo(json.dumps({"runs": [{"id": r["id"], "name": r["name"], "status": r["status"],
+                                         "metrics": metrics[r["id"]]} for r in runs],
+                               "differences": differences}, indent=2))
+        return
+    names = sorted(set().union(*metrics.values()))
+    rows = [[name] + [f"{metrics[r['id']][name]:.4f}" if name in metrics[r["id"]] else "-" for r in runs]
+            for name in names]
+    rows += [[key] + [str(values[r["id"]]) for r in runs] for key, values in differences.items()]
+    _table(["", *[f"run {r['id']}" for r in runs]], [["status", *[r["status"] for r in runs]], *rows])
+
+
+def _flatten(spec: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for slot, entry in spec.items():
+        if slot == "trainer":
+            out.update({f"trainer.{k}": v for k, v in entry.items()})
+        elif slot == "eval":
+            out["eval"] = [e["name"] for e in entry]
+        elif entry:
+            out[f"{slot}.name"] = entry["name"]
+            out.update({f"{slot}.{k}": v for k, v in entry["options"].items()})
+    return out
+
+
+# --- plugins ---------------------------------------------------------------------------------------
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="print a JSON list of components")
+def plugins(as_json: bool) -> None:
+    """Every component, tracker and broken plugin found through the `orch` entry points."""
+    from orchestrator.registry import Registry
+
+    components = Registry.load().all()
+    if as_json:
+        click.echo(json.dumps([c.to_json() for c in components], indent=2))
+        return
+    for c in components:
+        status = "" if c.status == "ok" else f"  BROKEN: {c.error}"
+        click.echo(f"{c.kind:<10} {c.name:<18} {c.distribution} {c.version}  {c.summary}{status}")
+        for o in c.options:
+            default = "<required>" if o.required else o.default
+            click.echo(f"{'':<29}{o.name}: {o.type_name} = {default}")
+
+
+def main() -> None:
+    try:
+        code = cli.main(prog_name="orch", standalone_mode=False)
+    except UserError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    except click.UsageError as exc:
+        hint = f" (see `{exc.ctx.command_path} --help`)" if exc.ctx else ""
+        click.echo(f"error: {exc.format_message()}{hint}", err=True)
+        sys.exit(2)
+    except click.ClickException as exc:
+        click.echo(f"error: {exc.format_message()}", err=True)
+        sys.exit(exc.exit_code)
+    except click.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+if __name__ == "__main__":
+    main()

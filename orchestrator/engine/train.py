@@ -1,0 +1,333 @@
+"""One attempt of one run, in one rank: build, (resume,) train, checkpoint, evaluate.
+
+Launched by the worker, one process per GPU (or gloo processes on the CPU), with the resolved spec in
+``run_dir/spec.json``. Rank 0 writes metrics and checkpoints to the store (fenced by the attempt) and
+calls the lifecycle hooks; the worker owns the run's state transitions.
+
+Exit codes: 0 finished, 2 failed for good (reason in ``attempt-N.result.json``), 3 fenced off.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import os
+import queue
+import random
+import shutil
+import signal
+import sys
+import threading
+import time
+import traceback
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from orchestrator.engine.compose import Composition, RunModel, build
+from orchestrator.engine.dsconfig import deepspeed_config, effective_precision
+from orchestrator.engine.evaluation import EvalContext
+from orchestrator.errors import UserError
+from orchestrator.registry import Registry
+from orchestrator.runinfo import RunInfo
+from orchestrator.store import Claim, Fenced, Store
+
+EXIT_FAILED, EXIT_FENCED = 2, 3
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class NonFiniteLoss(Exception):
+    pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m orchestrator.engine.train")
+    parser.add_argument("--run-dir", type=Path, required=True)
+    parser.add_argument("--store", required=True)
+    parser.add_argument("--attempt", type=int, required=True)
+    parser.add_argument("--resume-tag", default=None)
+    args = parser.parse_args(argv)
+    _die_with_parent()
+
+    meta = json.loads((args.run_dir / "run.json").read_text())
+    spec = json.loads((args.run_dir / "spec.json").read_text())
+    rank = int(os.environ.get("RANK", "0"))
+    claim = Claim(meta["id"], args.attempt)
+    registry = Registry.load()
+    run = RunInfo(meta["id"], meta["uid"], meta["name"], spec, meta["spec_hash"], args.attempt, args.run_dir)
+    try:
+        store = Store.open(args.store) if rank == 0 else None
+        train(spec, registry, run, store, claim, args.resume_tag)
+        return 0
+    except Fenced as exc:
+        print(f"orch: stopping: {exc}", file=sys.stderr)
+        return EXIT_FENCED
+    except (UserError, NonFiniteLoss) as exc:
+        return _fail(run, registry, rank, str(exc))
+    except Exception:
+        traceback.print_exc()
+        raise
+
+
+def _fail(run: RunInfo, registry: Registry, rank: int, reason: str) -> int:
+    """A failure that retrying cannot fix: say why, and tell the worker not to retry."""
+    if rank == 0:
+        print(f"orch: run {run.id} failed: {reason}", file=sys.stderr)
+        (run.run_dir / f"attempt-{run.attempt}.result.json").write_text(json.dumps({"error": reason}))
+        registry.notify("run_ended", run=run, status="failed", error=reason)
+    return EXIT_FAILED
+
+
+def train(spec: dict[str, Any], registry: Registry, run: RunInfo, store: Store | None, claim: Claim,
+          resume_tag: str | None) -> None:
+    import deepspeed
+
+    trainer = spec["trainer"]
+    device = _device()
+    precision = effective_precision(trainer["precision"], device.type,
+                                    device.type == "cuda" and torch.cuda.is_bf16_supported())
+    random.seed(trainer["seed"])
+    np.random.seed(trainer["seed"])
+    comp = build(registry, spec)
+    model = comp.model
+
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]  # biases, norms, temperature
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": trainer["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=trainer["lr"], betas=(0.9, 0.98), eps=1e-6, fused=device.type == "cuda",
+    )
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    config = deepspeed_config(trainer, world, precision)
+    engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    run = RunInfo(run.id, run.uid, run.name, run.spec, run.spec_hash, run.attempt, run.run_dir,
+                  device=f"{_device_name(device)} x{world} {precision}")
+
+    checkpoints = run.run_dir / "checkpoints"
+    step, epoch, batch_in_epoch = 0, 0, 0
+    if resume_tag:
+        _, client = engine.load_checkpoint(str(checkpoints), tag=resume_tag)
+        state = client["orch"]
+        step, epoch, batch_in_epoch = state["step"], state["epoch"], state["batch"]
+        comp.sampler.load_state_dict(state["sampler"])
+        _set_rng(torch.load(checkpoints / resume_tag / f"rng-rank{rank}.pt", weights_only=False))
+
+    reporter = Reporter(store, claim, registry, run) if rank == 0 else None
+    if reporter:
+        if resume_tag:
+            store.forget_after(claim, step)
+        registry.notify("run_started", run=run, resumed_from=step if resume_tag else None)
+    train_split = comp.dataset.train
+    labels = getattr(train_split, "labels", None)
+    micro = trainer["batch_size"] // (world * trainer["accum"])
+    collate = partial(_collate, model=model)
+    interval: dict[str, torch.Tensor] = {}
+    interval_start, interval_steps = time.perf_counter(), 0
+
+    while step < trainer["steps"]:
+        batches = list(comp.sampler.batches(len(train_split), labels, trainer["batch_size"], trainer["seed"], epoch))
+        if not batches:
+            raise UserError(f"dataset {spec['data']['name']} has {len(train_split)} training samples, fewer than "
+                            f"one batch of {trainer['batch_size']}: lower --batch-size")
+        shards = [b[(a * world + rank) * micro:(a * world + rank + 1) * micro]
+                  for b in batches[batch_in_epoch:] for a in range(trainer["accum"])]
+        loader = torch.utils.data.DataLoader(train_split, batch_sampler=shards, collate_fn=collate,
+                                             num_workers=trainer["workers"], pin_memory=device.type == "cuda")
+        micro_batches = iter(loader)
+        for _ in range(len(batches) - batch_in_epoch):
+            for _ in range(trainer["accum"]):
+                batch = {k: v.to(device, non_blocking=True) for k, v in next(micro_batches).items()}
+                out = engine(batch)
+                engine.backward(out["loss"])
+                engine.step()
+                for key, value in out.items():
+                    interval[key] = interval.get(key, 0) + value.detach().float() / trainer["accum"]
+            if hasattr(model.loss, "after_step"):
+                model.loss.after_step()
+            step, batch_in_epoch, interval_steps = step + 1, batch_in_epoch + 1, interval_steps + 1
+
+            if step % trainer["log_every"] == 0 or step == trainer["steps"]:
+                elapsed = time.perf_counter() - interval_start
+                scalars = _mean_over_ranks(interval, interval_steps)
+                bad = {k: v for k, v in scalars.items() if not np.isfinite(v)}
+                if bad:
+                    terms = ", ".join(f"{k}={v}" for k, v in bad.items())
+                    raise NonFiniteLoss(f"non-finite {terms} between steps {step - interval_steps + 1} and {step}; "
+                                        f"the last valid checkpoint is kept: lower --lr or raise --warmup")
+                scalars = {f"train/{k}": v for k, v in scalars.items()}
+                scalars["train/lr"] = scheduler.get_last_lr()[0] if scheduler else trainer["lr"]
+                scalars["train/samples_per_s"] = interval_steps * trainer["batch_size"] / max(elapsed, 1e-9)
+                if rank == 0:
+                    print(f"step {step}/{trainer['steps']}  loss {scalars.get('train/loss', float('nan')):.4f}  "
+                          f"{scalars['train/samples_per_s']:.0f} samples/s", flush=True)
+                if reporter:
+                    reporter.log(step, scalars)
+                interval, interval_start, interval_steps = {}, time.perf_counter(), 0
+            if trainer["checkpoint_every"] and step % trainer["checkpoint_every"] == 0 or step == trainer["steps"]:
+                _save(engine, comp, checkpoints, step, epoch, batch_in_epoch, reporter, rank)
+            if trainer["eval_every"] and step % trainer["eval_every"] == 0 and step < trainer["steps"]:
+                results = _evaluate(comp, model, device, precision, trainer)
+                if reporter:
+                    reporter.log(step, results)
+            if step >= trainer["steps"]:
+                break
+        epoch, batch_in_epoch = epoch + 1, 0
+
+    results = _evaluate(comp, model, device, precision, trainer)
+    if rank == 0:
+        _write_final(run, model, results)
+        reporter.log(step, results)
+        reporter.close()
+        registry.notify("run_ended", run=run, status="finished", error=None)
+    dist.barrier()
+
+
+def _collate(samples: list[dict[str, Any]], model: RunModel) -> dict[str, torch.Tensor]:
+    """Apply each tower's own preprocessing: the image transform and the tokenizer."""
+    batch: dict[str, torch.Tensor] = {}
+    if "image" in model.needs:
+        batch["image"] = torch.stack([model.image_encoder.transform(s["image"]) for s in samples])
+    if "text" in model.needs:
+        batch["text"] = model.text_tower.tokenize([s["text"] for s in samples])
+    if "label" in model.needs:
+        batch["label"] = torch.tensor([s["label"] for s in samples])
+    return batch
+
+
+def _mean_over_ranks(sums: dict[str, torch.Tensor], steps: int) -> dict[str, float]:
+    keys = sorted(sums)
+    values = torch.stack([sums[k].reshape(()) for k in keys]).cpu() / steps
+    if dist.get_world_size() > 1:
+        dist.all_reduce(values)
+        values /= dist.get_world_size()
+    return dict(zip(keys, values.tolist()))
+
+
+def _evaluate(comp: Composition, model: RunModel, device: torch.device, precision: str,
+              trainer: dict[str, Any]) -> dict[str, float]:
+    """Run every evaluator; RNG is forked so evaluating never changes the training trajectory."""
+    results: dict[str, float] = {}
+    everywhere = trainer["zero"] == 3  # partitioned parameters: every rank must take part in forwards
+    if dist.get_rank() == 0 or everywhere:
+        ctx = EvalContext(model.image_encoder, model.text_tower, comp.dataset, device, DTYPES[precision])
+        model.eval()
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            for name, evaluator in comp.evaluators:
+                for key, value in evaluator.evaluate(ctx).items():
+                    results[f"{name}/{key}"] = float(value)
+        model.train()
+    dist.barrier()
+    return results
+
+
+def _save(engine: Any, comp: Composition, root: Path, step: int, epoch: int, batch: int,
+          reporter: Reporter | None, rank: int) -> None:
+    """DeepSpeed's save on every rank; valid in the store only once every rank has written it."""
+    tag = f"step-{step:08d}"
+    state = {"orch": {"step": step, "epoch": epoch, "batch": batch, "sampler": comp.sampler.state_dict()}}
+    engine.save_checkpoint(str(root), tag=tag, client_state=state, save_latest=False)
+    torch.save(_get_rng(), root / tag / f"rng-rank{rank}.pt")
+    dist.barrier()
+    if reporter:
+        reporter.checkpoint(step, root / tag)
+    dist.barrier()
+
+
+def _write_final(run: RunInfo, model: RunModel, results: dict[str, float]) -> None:
+    final = run.weights_path.parent
+    final.mkdir(parents=True, exist_ok=True)
+    weights = {"image_encoder": model.image_encoder.state_dict(), "loss": model.loss.state_dict()}
+    if model.text_encoder is not None:
+        weights["text_encoder"] = model.text_encoder.state_dict()
+    torch.save(weights, run.weights_path)
+    run.eval_report_path.write_text(json.dumps({"metrics": results, "spec": run.spec}, indent=2))
+
+
+def _get_rng() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _device() -> torch.device:
+    if torch.cuda.is_available():
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        return torch.device("cuda", local)
+    return torch.device("cpu")
+
+
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def _die_with_parent() -> None:
+    """If the launcher dies (SIGKILL), take this rank down too instead of training as an orphan."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+class Reporter:
+    """Rank 0's writer: metrics go to the store and the trackers from a thread, off the hot path."""
+
+    def __init__(self, store: Store, claim: Claim, registry: Registry, run: RunInfo) -> None:
+        self.store, self.claim, self.registry, self.run = store, claim, registry, run
+        self.queue: queue.Queue[tuple[int, dict[str, float]] | None] = queue.Queue()
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._work, name="orch-reporter", daemon=True)
+        self.thread.start()
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        if self.error:
+            raise self.error
+        if metrics:
+            self.queue.put((step, metrics))
+
+    def _work(self) -> None:
+        while (item := self.queue.get()) is not None:
+            step, metrics = item
+            try:
+                self.store.log_metrics(self.claim, [(step, k, v) for k, v in metrics.items()])
+            except BaseException as exc:  # noqa: BLE001 - surfaced to the training loop by log()
+                self.error = exc
+                return
+            self.registry.notify("metrics_logged", run=self.run, step=step, metrics=metrics)
+
+    def checkpoint(self, step: int, path: Path) -> None:
+        self.flush()
+        for stale in self.store.add_checkpoint(self.claim, step, str(path)):
+            shutil.rmtree(stale, ignore_errors=True)
+        self.registry.notify("checkpoint_saved", run=self.run, step=step, path=path)
+
+    def flush(self) -> None:
+        self.queue.put(None)
+        self.thread.join()
+        if self.error:
+            raise self.error
+        self.thread = threading.Thread(target=self._work, name="orch-reporter", daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.queue.put(None)
+        self.thread.join()
+        if self.error:
+            raise self.error
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,197 @@
+"""The claim loop: requeue runs of dead workers, claim the next run, launch its ranks, keep its lease.
+
+The worker owns a run's state transitions; its training processes (launched with torchrun, one per
+GPU or gloo processes on a CPU machine) only write metrics and checkpoints, fenced by the attempt.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from orchestrator.registry import Registry
+from orchestrator.runinfo import RunInfo
+from orchestrator.store import Claim, Fenced, Store
+
+RUNS_DIR_ENV = "ORCH_RUNS_DIR"
+EXIT_FAILED, EXIT_FENCED = 2, 3  # see orchestrator.engine.train
+
+
+def runs_dir(path: str | Path | None = None) -> Path:
+    return Path(path or os.environ.get(RUNS_DIR_ENV) or "runs").absolute()
+
+
+def worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+class Worker:
+    def __init__(self, store: Store, root: Path, lease_seconds: float = 60.0, quiet: bool = False,
+                 echo: Callable[[str], None] = print) -> None:
+        self.store, self.root, self.lease, self.quiet, self.echo = store, root, lease_seconds, quiet, echo
+        self.registry = Registry.load()
+        self.id = worker_id()
+
+    def loop(self, once: bool = False, forever: bool = False, poll_seconds: float = 5.0) -> int:
+        """Run queued runs until the queue is empty (or forever); returns how many were executed."""
+        done = 0
+        while True:
+            self.reap()
+            claim = self.store.claim(self.id, self.lease)
+            if claim is None:
+                if not forever:
+                    return done
+                time.sleep(poll_seconds)
+                continue
+            self.execute(claim)
+            done += 1
+            if once:
+                return done
+
+    def reap(self) -> None:
+        """Runs whose worker died go back to the queue (and resume from their last valid checkpoint)."""
+        for lost in self.store.requeue_expired():
+            self.echo(f"run {lost['run_id']}: {lost['error']}; {'requeued' if lost['status'] == 'queued' else 'failed'}")
+            status = "interrupted" if lost["status"] == "queued" else "failed"
+            self.registry.notify("run_ended", run=self._info(lost["run_id"], lost["attempt"]), status=status,
+                                 error=lost["error"])
+
+    def execute(self, claim: Claim) -> str:
+        """Launch the ranks of one claimed attempt and follow it to its end; returns the run's status."""
+        run = self.store.run(claim.run_id)
+        run_dir = self.root / str(run["id"])
+        run_dir.mkdir(parents=True, exist_ok=True)
+        _write_json(run_dir / "spec.json", run["spec"])
+        _write_json(run_dir / "run.json", {k: run[k] for k in ("id", "uid", "name", "spec_hash")})
+        checkpoint = self.store.latest_checkpoint(run["id"])
+        log_path = run_dir / f"attempt-{claim.attempt}.log"
+        resume = f", resuming from step {checkpoint['step']}" if checkpoint else ""
+        self.echo(f"run {run['id']} ({run['name']}): attempt {claim.attempt}{resume}; log: {log_path}")
+
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                   f"--nproc-per-node={run['spec']['trainer']['gpus']}",
+                   "-m", "orchestrator.engine.train", "--run-dir", str(run_dir), "--store", self.store.url,
+                   "--attempt", str(claim.attempt)]
+        if checkpoint:
+            command += ["--resume-tag", Path(checkpoint["path"]).name]
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        with open(log_path, "ab") as log:
+            proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                    preexec_fn=_die_with_parent, cwd=os.getcwd())
+            held = self._follow(proc, claim, run)
+        return self._finish(proc.returncode, held, claim, run, log_path)
+
+    def _follow(self, proc: subprocess.Popen, claim: Claim, run: dict[str, Any]) -> bool:
+        """Heartbeat while the ranks train; stop them if the run is cancelled or the lease is lost."""
+        beat = max(1.0, self.lease / 4)
+        last_beat = time.monotonic()
+        with _ProgressBar(run["spec"]["trainer"]["steps"], enabled=not self.quiet) as bar:
+            while proc.poll() is None:
+                time.sleep(0.5)
+                if time.monotonic() - last_beat >= beat:
+                    last_beat = time.monotonic()
+                    if not self.store.heartbeat(claim, self.lease):
+                        _stop(proc)
+                        return False
+                if bar.enabled:
+                    bar.update(self.store.progress(run["id"]))
+        return True
+
+    def _finish(self, code: int, held: bool, claim: Claim, run: dict[str, Any], log_path: Path) -> str:
+        info = self._info(run["id"], claim.attempt)
+        try:
+            if code == 0:
+                status = self.store.end_attempt(claim, "finished")
+                metrics = {k: v for k, v in self.store.final_metrics(run["id"]).items() if not k.startswith("train/")}
+                shown = ", ".join(f"{k} {v:.2f}" for k, v in sorted(metrics.items()))
+                self.echo(f"run {run['id']} finished" + (f": {shown}" if shown else ""))
+                return status
+            if code == EXIT_FAILED:
+                result = log_path.with_name(f"attempt-{claim.attempt}.result.json")
+                error = json.loads(result.read_text())["error"] if result.exists() else _last_line(log_path)
+                status = self.store.end_attempt(claim, "failed", error)
+                self.echo(f"run {run['id']} failed: {error}")
+                return status
+            if not held or code == EXIT_FENCED:
+                status = self.store.end_attempt(claim, "cancelled")  # raises Fenced when the lease was lost
+                self.echo(f"run {run['id']} cancelled")
+                self.registry.notify("run_ended", run=info, status="cancelled", error="cancelled by the user")
+                return status
+            error = f"attempt {claim.attempt} exited with code {code}: {_last_line(log_path)} (see {log_path})"
+            status = self.store.end_attempt(claim, "crashed", error)
+            self.echo(f"run {run['id']}: {error}; {'will be retried' if status == 'queued' else 'failed'}")
+            self.registry.notify("run_ended", run=info, status="interrupted" if status == "queued" else "failed",
+                                 error=error)
+            return status
+        except Fenced:
+            self.echo(f"run {run['id']}: this worker lost its lease; another attempt owns the run now")
+            return "lost"
+
+    def _info(self, run_id: int, attempt: int) -> RunInfo:
+        run = self.store.run(run_id)
+        return RunInfo(run["id"], run["uid"], run["name"], run["spec"], run["spec_hash"], attempt,
+                       self.root / str(run["id"]))
+
+
+class _ProgressBar:
+    """Step, samples/s, loss and ETA of the run in the foreground, read from what rank 0 logs."""
+
+    def __init__(self, total: int, enabled: bool) -> None:
+        self.enabled = enabled and sys.stdout.isatty()
+        self.total = total
+
+    def __enter__(self) -> _ProgressBar:
+        if self.enabled:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.bar = Progress(TextColumn("step"), MofNCompleteColumn(), BarColumn(),
+                                TextColumn("{task.fields[stats]}"), TimeRemainingColumn())
+            self.task = self.bar.add_task("train", total=self.total, stats="starting")
+            self.bar.start()
+        return self
+
+    def update(self, progress: dict[str, float]) -> None:
+        if progress:
+            stats = (f"loss {progress.get('train/loss', float('nan')):.4f}  "
+                     f"{progress.get('train/samples_per_s', 0):.0f} samples/s")
+            self.bar.update(self.task, completed=progress["step"], stats=stats)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.enabled:
+            self.bar.stop()
+
+
+def _write_json(path: Path, data: Any) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
+    tmp.replace(path)
+
+
+def _last_line(path: Path) -> str:
+    lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
+    return lines[-1].strip()[:500] if lines else "no output"
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def _die_with_parent() -> None:
+    """The launcher gets SIGTERM when this worker dies (even by SIGKILL), and takes its ranks down."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
