@@ -1,0 +1,1 @@
+"""Built-in trackers: plugins on the run lifecycle hooks."""
