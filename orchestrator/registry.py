@@ -102,7 +102,7 @@ def type_name(tp: Any) -> str:
         return "any"
     if isinstance(tp, type):
         return tp.__name__
-    return str(tp).replace("typing.", "")
+    return str(tp).replace("typing.", "").replace("pathlib.", "")
 
 
 class Registry:

@@ -23,7 +23,7 @@ def deepspeed_config(trainer: dict[str, Any], world_size: int, precision: str) -
             "type": "WarmupCosineLR",
             "params": {
                 "total_num_steps": trainer["steps"],
-                "warmup_num_steps": trainer["warmup"],
+                "warmup_num_steps": max(1, trainer["warmup"]),  # DeepSpeed refuses 0; 1 step is no warmup
                 "warmup_min_ratio": 0.0,
                 "cos_min_ratio": 0.0,
                 "warmup_type": "linear",

@@ -1,0 +1,103 @@
+"""Workers end to end: real DeepSpeed training processes, a real store, real SIGKILLs."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from orchestrator.store import Store
+from tests.conftest import orch
+
+pytestmark = pytest.mark.slow
+
+SMALL = ["--encoder", "vit:depth=1,width=64,embed_dim=64", "--text-encoder",
+         "text-transformer:depth=1,width=64,embed_dim=64", "--batch-size", "64"]
+
+
+def _wait(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.5)
+
+
+def _training_processes(run_dir: Path) -> list[psutil.Process]:
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        cmd = proc.info["cmdline"] or []
+        if "orchestrator.engine.train" in cmd and str(run_dir) in cmd:
+            found.append(proc)
+    return found
+
+
+def _comparable(metrics: dict[str, float]) -> dict[str, float]:
+    return {k: v for k, v in metrics.items() if k != "train/samples_per_s"}  # wall-clock, not a result
+
+
+def test_killed_worker_run_resumes_and_ends_like_an_uninterrupted_run(workdir: Path) -> None:
+    spec = [*SMALL, "--steps", "60", "--checkpoint-every", "20", "--log-every", "10", "--eval-every", "30"]
+    assert orch("queue", *spec, cwd=workdir).returncode == 0
+    store = Store.open(f"sqlite:///{workdir}/experiments.db")
+    worker = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "worker", "--lease", "4", "--quiet"],
+                              cwd=workdir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _wait(lambda: (store.latest_checkpoint(1) or {}).get("step", 0) >= 20
+          and store.progress(1).get("step", 0) >= 30, 300, "a checkpoint and progress past it")
+    worker.send_signal(signal.SIGKILL)
+    worker.wait()
+    _wait(lambda: not _training_processes(workdir / "runs" / "1"), 60, "the orphaned ranks to stop")
+    assert store.run(1)["status"] == "running"  # nobody knows yet: the lease tells
+
+    time.sleep(5)  # the dead worker's 4 s lease runs out
+    resumed = orch("worker", "--quiet", cwd=workdir)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "lease expired" in resumed.stdout and "resuming from step" in resumed.stdout
+    run = store.run(1)
+    assert run["status"] == "finished"
+    assert [a["outcome"] for a in store.attempts(1)] == ["interrupted", "finished"]
+
+    assert orch("queue", *spec, "--again", cwd=workdir).returncode == 0
+    assert orch("worker", "--quiet", cwd=workdir).returncode == 0
+    assert store.run(2)["status"] == "finished"
+    killed, clean = store.metrics(1), store.metrics(2)
+    assert [(m["name"], m["step"]) for m in killed] == [(m["name"], m["step"]) for m in clean]  # no duplicates
+    assert _comparable(store.final_metrics(1)) == _comparable(store.final_metrics(2))  # bitwise on CPU
+    assert "zs/top1" in store.final_metrics(1)
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_two_workers_never_run_the_same_run(workdir: Path, backend: str, request: pytest.FixtureRequest) -> None:
+    url = f"sqlite:///{workdir}/experiments.db" if backend == "sqlite" else request.getfixturevalue("pg_url")
+    env = {**os.environ, "ORCH_STORE": url}
+    queued = orch("queue", *SMALL, "--steps", "2", "--eval", "zs:split=test", *[f"--seed={s}" for s in range(4)],
+                  cwd=workdir, env=env)
+    assert queued.stdout.count("queued run") == 4
+    workers = [subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "worker", "--quiet"], cwd=workdir, env=env,
+                                stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    outputs = [w.communicate(timeout=600)[0] for w in workers]
+    assert all(w.returncode == 0 for w in workers)
+    store = Store.open(url)
+    runs = store.runs()
+    assert sorted(r["status"] for r in runs) == ["finished"] * 4
+    assert all([a["number"] for a in store.attempts(r["id"])] == [1] for r in runs)
+    executed = [int(line.split()[1]) for out in outputs for line in out.splitlines() if line.endswith("finished")
+                or " finished:" in line]
+    assert sorted(executed) == [r["id"] for r in reversed(runs)]
+
+
+def test_two_process_gloo_run_end_to_end(workdir: Path) -> None:
+    result = orch("run", *SMALL, "--gpus", "2", "--steps", "6", "--checkpoint-every", "3", "--quiet", cwd=workdir)
+    assert result.returncode == 0, result.stdout + result.stderr
+    store = Store.open(f"sqlite:///{workdir}/experiments.db")
+    assert store.run(1)["status"] == "finished"
+    assert store.latest_checkpoint(1)["step"] == 6
+    checkpoint = Path(store.latest_checkpoint(1)["path"])
+    assert (checkpoint / "rng-rank0.pt").exists() and (checkpoint / "rng-rank1.pt").exists()  # both ranks saved
+    assert "zs/top1" in store.final_metrics(1)
