@@ -261,7 +261,8 @@ def compare(ctx: click.Context, run_ids: tuple[int, ...], as_json: bool) -> None
     metrics = {r["id"]: store.final_metrics(r["id"]) for r in runs}
     flat = {r["id"]: _flatten(r["spec"]) for r in runs}
     keys = sorted(set().union(*flat.values()))
-    differences = {k: {i: flat[i].get(k) for i in flat} for k in keys if len({json.dumps(flat[i].get(k)) for i in flat}) > 1}
+    differences = {k: {i: flat[i].get(k) for i in flat} for k in keys
+                   if len({json.dumps(flat[i].get(k)) for i in flat}) > 1}
     if as_json:
         click.echo(json.dumps({"runs": [{"id": r["id"], "name": r["name"], "status": r["status"],
                                          "metrics": metrics[r["id"]]} for r in runs],

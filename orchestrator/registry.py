@@ -16,10 +16,11 @@ import inspect
 import os
 import typing
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib.metadata import EntryPoint, entry_points
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pluggy
 

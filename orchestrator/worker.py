@@ -59,8 +59,9 @@ class Worker:
     def reap(self) -> None:
         """Runs whose worker died go back to the queue (and resume from their last valid checkpoint)."""
         for lost in self.store.requeue_expired():
-            self.echo(f"run {lost['run_id']}: {lost['error']}; {'requeued' if lost['status'] == 'queued' else 'failed'}")
-            status = "interrupted" if lost["status"] == "queued" else "failed"
+            requeued = lost["status"] == "queued"
+            self.echo(f"run {lost['run_id']}: {lost['error']}; {'requeued' if requeued else 'failed'}")
+            status = "interrupted" if requeued else "failed"
             self.registry.notify("run_ended", run=self._info(lost["run_id"], lost["attempt"]), status=status,
                                  error=lost["error"])
 

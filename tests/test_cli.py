@@ -19,9 +19,9 @@ HEAVY = ("torch", "deepspeed", "mlflow")
                                   ["show", "1"]])
 def test_light_commands_import_no_torch(workdir: Path, args: list[str]) -> None:
     orch("queue", "--steps", "7", cwd=workdir)
-    code = ("import sys; sys.argv = ['orch', *%r]\nfrom orchestrator import cli\ntry:\n    cli.main()\n"
+    code = (f"import sys; sys.argv = ['orch', *{args!r}]\nfrom orchestrator import cli\ntry:\n    cli.main()\n"
             "except SystemExit as e:\n    assert e.code == 0, e.code\n"
-            "loaded = [m for m in %r if m in sys.modules]\nassert not loaded, loaded\n") % (args, HEAVY)
+            f"loaded = [m for m in {HEAVY!r} if m in sys.modules]\nassert not loaded, loaded\n")
     result = subprocess.run([sys.executable, "-c", code], cwd=workdir, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
 

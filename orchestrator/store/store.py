@@ -21,8 +21,8 @@ from typing import Any
 
 from sqlalchemy import Connection, create_engine, delete, event, func, insert, select, text, update
 from sqlalchemy.engine import Engine, make_url
-from sqlalchemy.orm import aliased
 from sqlalchemy.exc import ArgumentError, DatabaseError, NoSuchModuleError, OperationalError
+from sqlalchemy.orm import aliased
 
 from orchestrator.errors import UserError
 from orchestrator.store.models import Attempt, Checkpoint, Metric, Run, utcnow
@@ -69,8 +69,8 @@ class Store:
         except UserError:
             raise
         except (ArgumentError, NoSuchModuleError) as exc:
-            raise UserError(f"store URL {shown} is not valid ({exc}): give an SQLAlchemy URL such as "
-                            f"sqlite:///experiments.db or postgresql://user@host/db via --store or {STORE_ENV}") from None
+            raise UserError(f"store URL {shown} is not valid ({exc}): give an SQLAlchemy URL such as sqlite:///"
+                            f"experiments.db or postgresql://user@host/db via --store or {STORE_ENV}") from None
         except (OperationalError, DatabaseError) as exc:
             reason = str(exc.orig if getattr(exc, "orig", None) else exc).strip().splitlines()[0]
             raise UserError(f"cannot open store {shown}: {reason}; check --store or {STORE_ENV}") from None
@@ -201,7 +201,7 @@ class Store:
             return
         with self._write() as conn:
             self._fence(conn, claim)
-            for step, name, value in rows:
+            for step, name, _value in rows:
                 conn.execute(delete(Metric).where(Metric.run_id == claim.run_id, Metric.name == name,
                                                   Metric.step == step))
             conn.execute(insert(Metric), [{"run_id": claim.run_id, "step": s, "name": n, "value": v}

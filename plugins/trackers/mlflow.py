@@ -13,6 +13,8 @@ This module is an entry point: it must not import mlflow (about 2 s) or torch at
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
+import fcntl
 import functools
 import json
 import logging
@@ -23,7 +25,7 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -330,7 +332,8 @@ class MlflowTracker:
             from mlflow import MlflowClient
 
             uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
-            self._client_obj = MlflowClient(tracking_uri=uri)
+            with _creation_lock(uri):  # two workers creating one SQLite store at once race on its tables
+                self._client_obj = MlflowClient(tracking_uri=uri)
             self._default_store = not os.environ.get("MLFLOW_TRACKING_URI")
         return self._client_obj
 
@@ -434,6 +437,22 @@ class MlflowTracker:
         if status == "failed" and error:
             client.set_tag(run_id, "orch.error", error[:MAX_ERROR])
         client.set_terminated(run_id, STATUSES[status])
+
+
+@contextlib.contextmanager
+def _creation_lock(uri: str) -> Iterator[None]:
+    """Serialise the creation and migration of a local SQLite tracking store across processes."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    lock_path = Path(uri.removeprefix("sqlite:///") + ".lock")
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _spec_json(run: RunInfo) -> dict[str, Any]:

@@ -1,0 +1,106 @@
+"""The built-in ViT image encoder: shapes, preprocessing, determinism, gradients, registration."""
+
+import os
+import pickle
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from orchestrator.registry import _describe_object, describe
+from plugins.encoders.vit import VisionTransformer
+
+SMALL = {"width": 32, "depth": 2, "heads": 2, "embed_dim": 16}
+
+
+@pytest.mark.parametrize("pool", ["cls", "mean"])
+@pytest.mark.parametrize("patch_size", [4, 7])
+def test_output_shape(pool, patch_size):
+    enc = VisionTransformer(patch_size=patch_size, pool=pool, **SMALL)
+    out = enc(torch.rand(5, 3, 28, 28))
+    assert out.shape == (5, 16) and enc.embed_dim == 16
+    assert torch.isfinite(out).all()
+
+
+def test_transform_mnist_digit_to_three_normalised_channels():
+    enc = VisionTransformer(**SMALL)
+    img = torch.rand(1, 28, 28)
+    out = enc.transform(img)
+    assert out.shape == (3, 28, 28)
+    for c in range(3):  # each channel is the digit mapped from [0, 1] to [-1, 1]
+        torch.testing.assert_close(out[c], img[0] * 2 - 1)
+
+
+def test_transform_keeps_three_channels_and_resizes():
+    enc = VisionTransformer(image_size=32, patch_size=8, **SMALL)
+    rgb = torch.rand(3, 28, 28)
+    out = enc.transform(rgb)
+    assert out.shape == (3, 32, 32)
+    assert out.min() >= -1 - 1e-5 and out.max() <= 1 + 1e-5
+    gray = enc.transform(torch.rand(1, 64, 64))  # downsampled with antialiasing
+    assert gray.shape == (3, 32, 32)
+    assert enc(torch.stack([out, gray])).shape == (2, 16)
+
+
+def test_transform_pickles_for_data_loader_workers():
+    enc = VisionTransformer(**SMALL)
+    img = torch.rand(1, 28, 28)
+    torch.testing.assert_close(pickle.loads(pickle.dumps(enc.transform))(img), enc.transform(img))
+
+
+def test_transform_one_channel_model():
+    enc = VisionTransformer(in_channels=1, **SMALL)
+    assert enc.transform(torch.rand(3, 28, 28)).shape == (1, 28, 28)
+    assert enc.transform(torch.rand(1, 28, 28)).shape == (1, 28, 28)
+    assert enc(torch.rand(2, 1, 28, 28)).shape == (2, 16)
+
+
+def test_bad_options_are_refused():
+    with pytest.raises(ValueError, match="divisible"):
+        VisionTransformer(image_size=28, patch_size=5)
+    with pytest.raises(ValueError, match="heads"):
+        VisionTransformer(width=30, heads=4)
+
+
+def test_deterministic_given_seed():
+    x = torch.rand(4, 3, 28, 28)
+    torch.manual_seed(3)
+    a = VisionTransformer(**SMALL)
+    torch.manual_seed(3)
+    b = VisionTransformer(**SMALL)
+    torch.manual_seed(4)
+    c = VisionTransformer(**SMALL)
+    torch.testing.assert_close(a(x), b(x), rtol=0, atol=0)
+    assert not torch.allclose(a(x), c(x))
+
+
+def test_images_get_different_embeddings():
+    enc = VisionTransformer(**SMALL)
+    out = torch.nn.functional.normalize(enc(torch.rand(8, 3, 28, 28)), dim=-1)
+    sim = out @ out.T
+    assert (sim[~torch.eye(8, dtype=torch.bool)] < 0.9999).all()
+
+
+@pytest.mark.parametrize("pool", ["cls", "mean"])
+def test_gradient_reaches_every_parameter(pool):
+    enc = VisionTransformer(pool=pool, **SMALL)
+    enc(torch.rand(3, 3, 28, 28)).pow(2).sum().backward()
+    for name, p in enc.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_static_options_match_the_signature():
+    assert describe("plugins.encoders.vit:VisionTransformer") == _describe_object(VisionTransformer)
+
+
+def test_registry_reads_options_without_torch():
+    code = ("from orchestrator.registry import Registry; import sys; r = Registry.load(); "
+            "c = r.get('encoder', 'vit'); print([o.name for o in c.options]); "
+            "print(c.declared['modality']); assert 'torch' not in sys.modules, 'torch imported'")
+    env = {**os.environ, "ORCH_DISABLE_PLUGINS": "datasets,losses,samplers,evaluators,mlflow"}
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split("\n")[:2] == [
+        "['image_size', 'patch_size', 'width', 'depth', 'heads', 'mlp_ratio', 'embed_dim', 'pool', "
+        "'in_channels']", "image"]
