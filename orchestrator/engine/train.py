@@ -181,7 +181,8 @@ def train(spec: dict[str, Any], registry: Registry, run: RunInfo, store: Store |
 
     results = _evaluate(comp, model, device, precision, trainer)
     if rank == 0:
-        _write_final(run, model, results)
+        protocols = {name: ev.protocol() for name, ev in comp.evaluators if hasattr(ev, "protocol")}
+        _write_final(run, model, results, protocols)
         reporter.log(step, results)
         reporter.close()
         registry.notify("run_ended", run=run, status="finished", error=None)
@@ -239,14 +240,15 @@ def _save(engine: Any, comp: Composition, root: Path, step: int, epoch: int, bat
     dist.barrier()
 
 
-def _write_final(run: RunInfo, model: RunModel, results: dict[str, float]) -> None:
+def _write_final(run: RunInfo, model: RunModel, results: dict[str, float], protocols: dict[str, Any]) -> None:
     final = run.weights_path.parent
     final.mkdir(parents=True, exist_ok=True)
     weights = {"image_encoder": model.image_encoder.state_dict(), "loss": model.loss.state_dict()}
     if model.text_encoder is not None:
         weights["text_encoder"] = model.text_encoder.state_dict()
     torch.save(weights, run.weights_path)
-    run.eval_report_path.write_text(json.dumps({"metrics": results, "spec": run.spec}, indent=2))
+    report = {"metrics": results, "protocols": protocols, "spec": run.spec}
+    run.eval_report_path.write_text(json.dumps(report, indent=2, default=str))
 
 
 def _get_rng() -> dict[str, Any]:

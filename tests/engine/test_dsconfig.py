@@ -1,0 +1,28 @@
+"""The synthesised DeepSpeed config follows the trainer options."""
+
+from orchestrator.engine.dsconfig import deepspeed_config, effective_precision
+from orchestrator.spec import resolve_trainer
+
+
+def test_batch_is_split_over_ranks_and_accumulation() -> None:
+    trainer = resolve_trainer({"batch_size": "256", "gpus": "4", "accum": "2", "zero": "2", "grad_clip": "0.5"})
+    config = deepspeed_config(trainer, world_size=4, precision="bf16")
+    assert config["train_batch_size"] == 256
+    assert config["train_micro_batch_size_per_gpu"] == 32
+    assert config["gradient_accumulation_steps"] == 2
+    assert config["zero_optimization"] == {"stage": 2}
+    assert config["gradient_clipping"] == 0.5
+    assert config["bf16"] == {"enabled": True} and "fp16" not in config
+    assert config["scheduler"]["params"]["total_num_steps"] == trainer["steps"]
+
+
+def test_fp32_has_no_mixed_precision_section() -> None:
+    config = deepspeed_config(resolve_trainer({}), world_size=1, precision="fp32")
+    assert "bf16" not in config and "fp16" not in config
+
+
+def test_auto_precision_is_bf16_only_on_a_capable_gpu() -> None:
+    assert effective_precision("auto", "cpu", False) == "fp32"
+    assert effective_precision("auto", "cuda", True) == "bf16"
+    assert effective_precision("auto", "cuda", False) == "fp32"
+    assert effective_precision("fp16", "cuda", True) == "fp16"
