@@ -139,6 +139,18 @@ def worker(ctx: click.Context, once: bool, forever: bool, lease: float, poll: fl
                f"worker {w.id}: executed {done} run(s)")
 
 
+@cli.command()
+@click.argument("run_ids", type=int, nargs=-1, required=True)
+@click.pass_context
+def sync(ctx: click.Context, run_ids: tuple[int, ...]) -> None:
+    """Send runs' stored metrics and status to the trackers (MLflow) again, e.g. after an outage."""
+    from orchestrator.worker import Worker, runs_dir
+
+    w = Worker(_store(ctx), runs_dir(ctx.obj["runs_dir"]), quiet=True, echo=click.echo)
+    for run_id in run_ids:
+        click.echo(f"run {run_id}: replayed {w.sync(run_id)} logged steps to the trackers")
+
+
 # --- looking at runs -----------------------------------------------------------------------------
 
 def _fmt_time(value: datetime | None) -> str:
@@ -306,6 +318,21 @@ def plugins(as_json: bool) -> None:
         for o in c.options:
             default = "<required>" if o.required else o.default
             click.echo(f"{'':<29}{o.name}: {o.type_name} = {default}")
+
+
+# --- browsing runs -------------------------------------------------------------------------------------
+
+@cli.command()
+@click.option("--port", default=5000, type=click.IntRange(1, 65535), show_default=True, help="port to listen on")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="address to bind; 0.0.0.0 exposes every run to your network")
+@click.option("--allowed-hosts", default=None, metavar="LIST",
+              help="Host headers MLflow accepts (default: loopback names and the bound address)")
+def ui(port: int, host: str, allowed_hosts: str | None) -> None:
+    """Browse runs in the MLflow UI (over MLFLOW_TRACKING_URI, else ./mlflow.db); Ctrl-C stops it."""
+    from orchestrator.ui import serve
+
+    sys.exit(serve(host, port, allowed_hosts, echo=click.echo))
 
 
 def main() -> None:

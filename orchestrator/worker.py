@@ -17,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from orchestrator.engine.checkpoint import verify
 from orchestrator.registry import Registry
 from orchestrator.runinfo import RunInfo
 from orchestrator.store import Claim, Fenced, Store
@@ -72,7 +73,7 @@ class Worker:
         run_dir.mkdir(parents=True, exist_ok=True)
         _write_json(run_dir / "spec.json", run["spec"])
         _write_json(run_dir / "run.json", {k: run[k] for k in ("id", "uid", "name", "spec_hash")})
-        checkpoint = self.store.latest_checkpoint(run["id"])
+        checkpoint = self._usable_checkpoint(claim)
         log_path = run_dir / f"attempt-{claim.attempt}.log"
         resume = f", resuming from step {checkpoint['step']}" if checkpoint else ""
         self.echo(f"run {run['id']} ({run['name']}): attempt {claim.attempt}{resume}; log: {log_path}")
@@ -89,6 +90,17 @@ class Worker:
                                     preexec_fn=_die_with_parent, cwd=os.getcwd())
             held = self._follow(proc, claim, run)
         return self._finish(proc.returncode, held, claim, run, log_path)
+
+    def _usable_checkpoint(self, claim: Claim) -> dict[str, Any] | None:
+        """The latest valid checkpoint whose files are whole; damaged ones are invalidated, with a word."""
+        while (checkpoint := self.store.latest_checkpoint(claim.run_id)) is not None:
+            problem = verify(Path(checkpoint["path"]))
+            if problem is None:
+                return checkpoint
+            self.store.invalidate_checkpoint(claim, checkpoint["path"])
+            self.echo(f"run {claim.run_id}: checkpoint at step {checkpoint['step']} is damaged ({problem}); "
+                      f"falling back to the previous one")
+        return None
 
     def _follow(self, proc: subprocess.Popen, claim: Claim, run: dict[str, Any]) -> bool:
         """Heartbeat while the ranks train; stop them if the run is cancelled or the lease is lost."""
@@ -135,6 +147,21 @@ class Worker:
         except Fenced:
             self.echo(f"run {run['id']}: this worker lost its lease; another attempt owns the run now")
             return "lost"
+
+    def sync(self, run_id: int) -> int:
+        """Replay a run's stored metrics and state to the trackers (after a tracker outage); they skip
+        what they already have. Returns the number of steps replayed."""
+        run = self.store.run(run_id)
+        info = self._info(run_id, run["attempt"])
+        self.registry.notify("run_started", run=info, resumed_from=None)
+        by_step: dict[int, dict[str, float]] = {}
+        for row in self.store.metrics(run_id):
+            by_step.setdefault(row["step"], {})[row["name"]] = row["value"]
+        for step in sorted(by_step):
+            self.registry.notify("metrics_logged", run=info, step=step, metrics=by_step[step])
+        if run["status"] in ("finished", "failed", "cancelled"):
+            self.registry.notify("run_ended", run=info, status=run["status"], error=run["error"])
+        return len(by_step)
 
     def _info(self, run_id: int, attempt: int) -> RunInfo:
         run = self.store.run(run_id)

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from orchestrator.engine.checkpoint import is_disk_full, write_manifest
 from orchestrator.engine.compose import Composition, RunModel, build
 from orchestrator.engine.dsconfig import deepspeed_config, effective_precision
 from orchestrator.engine.evaluation import EvalContext
@@ -69,6 +70,11 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_FENCED
     except (UserError, NonFiniteLoss) as exc:
         return _fail(run, registry, rank, str(exc))
+    except torch.cuda.OutOfMemoryError as exc:
+        first = str(exc).splitlines()[0] if str(exc) else "CUDA out of memory"
+        return _fail(run, registry, rank, f"out of GPU memory ({first}): lower the micro-batch (--batch-size, or "
+                                          f"raise --accum), raise --zero, or use activation checkpointing or "
+                                          f"gradient caching where the encoder and loss offer them")
     except Exception:
         traceback.print_exc()
         raise
@@ -203,11 +209,11 @@ def _collate(samples: list[dict[str, Any]], model: RunModel) -> dict[str, torch.
 
 def _mean_over_ranks(sums: dict[str, torch.Tensor], steps: int) -> dict[str, float]:
     keys = sorted(sums)
-    values = torch.stack([sums[k].reshape(()) for k in keys]).cpu() / steps
+    values = torch.stack([sums[k].reshape(()) for k in keys]) / steps
     if dist.get_world_size() > 1:
         dist.all_reduce(values)
         values /= dist.get_world_size()
-    return dict(zip(keys, values.tolist()))
+    return dict(zip(keys, values.cpu().tolist()))
 
 
 def _evaluate(comp: Composition, model: RunModel, device: torch.device, precision: str,
@@ -229,13 +235,25 @@ def _evaluate(comp: Composition, model: RunModel, device: torch.device, precisio
 
 def _save(engine: Any, comp: Composition, root: Path, step: int, epoch: int, batch: int,
           reporter: Reporter | None, rank: int) -> None:
-    """DeepSpeed's save on every rank; valid in the store only once every rank has written it."""
+    """DeepSpeed's save on every rank; valid in the store only once every rank has written it whole."""
     tag = f"step-{step:08d}"
     state = {"orch": {"step": step, "epoch": epoch, "batch": batch, "sampler": comp.sampler.state_dict()}}
-    engine.save_checkpoint(str(root), tag=tag, client_state=state, save_latest=False)
-    torch.save(_get_rng(), root / tag / f"rng-rank{rank}.pt")
-    dist.barrier()
+    try:
+        engine.save_checkpoint(str(root), tag=tag, client_state=state, save_latest=False)
+        torch.save(_get_rng(), root / tag / f"rng-rank{rank}.pt")
+        failed = torch.zeros(1, device=engine.device)
+    except Exception as exc:  # noqa: BLE001 - classified below; every rank must reach the all_reduce
+        if not is_disk_full(exc, root):
+            raise
+        failed = torch.ones(1, device=engine.device)
+    dist.all_reduce(failed)
+    if failed.item():
+        if rank == 0:
+            shutil.rmtree(root / tag, ignore_errors=True)
+        raise UserError(f"disk full while writing checkpoint step {step} under {root}: free space (or set "
+                        f"ORCH_RUNS_DIR elsewhere) and `orch resume`; the previous checkpoint stays valid")
     if reporter:
+        write_manifest(root / tag)
         reporter.checkpoint(step, root / tag)
     dist.barrier()
 

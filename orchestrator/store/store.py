@@ -228,6 +228,13 @@ class Store:
                              .values(valid=False))
         return [s.path for s in stale if s.path != path]
 
+    def invalidate_checkpoint(self, claim: Claim, path: str) -> None:
+        """A checkpoint found damaged is never offered for resuming again."""
+        with self._write() as conn:
+            self._fence(conn, claim)
+            conn.execute(update(Checkpoint).where(Checkpoint.run_id == claim.run_id, Checkpoint.path == path)
+                         .values(valid=False))
+
     def latest_checkpoint(self, run_id: int) -> dict[str, Any] | None:
         with self._read() as conn:
             row = conn.execute(select(Checkpoint.step, Checkpoint.path).where(
