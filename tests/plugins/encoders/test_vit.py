@@ -56,6 +56,11 @@ def test_transform_one_channel_model():
     assert enc(torch.rand(2, 1, 28, 28)).shape == (2, 16)
 
 
+def test_half_precision_weights_take_float_images():
+    enc = VisionTransformer(**SMALL).bfloat16()
+    assert enc(torch.rand(2, 3, 28, 28)).dtype == torch.bfloat16
+
+
 def test_bad_options_are_refused():
     with pytest.raises(ValueError, match="divisible"):
         VisionTransformer(image_size=28, patch_size=5)

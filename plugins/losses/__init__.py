@@ -1,0 +1,8 @@
+"""Built-in losses."""
+
+from orchestrator import hookimpl
+
+
+@hookimpl
+def register_losses(register):
+    register("infonce", "plugins.losses.infonce:InfoNCE", needs={"image", "text"})

@@ -1,0 +1,50 @@
+"""Symmetric InfoNCE over image-text pairs, the CLIP loss (Radford et al. 2021)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from orchestrator.distributed import gather_with_grad, rank
+
+
+class InfoNCE(nn.Module):
+    """Symmetric image-text InfoNCE with a learnable temperature (CLIP), exact across ranks.
+
+    Radford et al. 2021, "Learning Transferable Visual Models From Natural Language Supervision".
+    Each rank scores its B local embeddings against the B x world embeddings of every rank (gathered
+    with gradients), labels ``arange(B) + B * rank``: the mean over ranks equals the loss on one batch
+    of B x world. ``logit_scale`` starts at ln(1 / temperature) and is clamped to ln(max_logit_scale)
+    after each step, as in open_clip. It has shape [1]: DeepSpeed's bf16 mode fails on 0-d parameters.
+    """
+
+    def __init__(
+        self, temperature: float = 0.07, learnable: bool = True, max_logit_scale: float = 100.0,
+    ) -> None:
+        super().__init__()
+        if temperature <= 0 or max_logit_scale <= 0:
+            raise ValueError("temperature and max_logit_scale must be positive")
+        self.max_log_scale = math.log(max_logit_scale)
+        self.logit_scale = nn.Parameter(torch.full([1], math.log(1 / temperature)), requires_grad=learnable)
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        image, text = batch["image"], batch["text"]
+        # Softmax over B x world logits in fp32 at least, whatever the autocast or engine precision.
+        dtype = torch.promote_types(image.dtype, torch.float32)
+        with torch.autocast(image.device.type, enabled=False):
+            image = F.normalize(image.to(dtype), dim=-1)
+            text = F.normalize(text.to(dtype), dim=-1)
+            scale = self.logit_scale.to(dtype).exp()
+            logits_per_image = scale * image @ gather_with_grad(text).T
+            logits_per_text = scale * text @ gather_with_grad(image).T
+            labels = torch.arange(image.shape[0], device=image.device) + image.shape[0] * rank()
+            loss = (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
+        return {"loss": loss, "logit_scale": scale.detach().reshape(())}
+
+    @torch.no_grad()
+    def after_step(self) -> None:
+        """Clamp the learned scale to at most ``max_logit_scale`` (open_clip), in place."""
+        self.logit_scale.data.clamp_(max=self.max_log_scale)
