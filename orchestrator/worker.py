@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -23,7 +24,6 @@ from orchestrator.runinfo import RunInfo
 from orchestrator.store import Claim, Fenced, Store
 
 RUNS_DIR_ENV = "ORCH_RUNS_DIR"
-EXIT_FAILED, EXIT_FENCED = 2, 3  # see orchestrator.engine.train
 
 
 def runs_dir(path: str | Path | None = None) -> Path:
@@ -127,18 +127,18 @@ class Worker:
                 shown = ", ".join(f"{k} {v:.2f}" for k, v in sorted(metrics.items()))
                 self.echo(f"run {run['id']} finished" + (f": {shown}" if shown else ""))
                 return status
-            if code == EXIT_FAILED:
-                result = log_path.with_name(f"attempt-{claim.attempt}.result.json")
-                error = json.loads(result.read_text())["error"] if result.exists() else _last_line(log_path)
+            result = log_path.with_name(f"attempt-{claim.attempt}.result.json")
+            if result.exists():  # rank 0 said why, and that retrying cannot help
+                error = json.loads(result.read_text())["error"]
                 status = self.store.end_attempt(claim, "failed", error)
                 self.echo(f"run {run['id']} failed: {error}")
                 return status
-            if not held or code == EXIT_FENCED:
+            if not held:
                 status = self.store.end_attempt(claim, "cancelled")  # raises Fenced when the lease was lost
                 self.echo(f"run {run['id']} cancelled")
                 self.registry.notify("run_ended", run=info, status="cancelled", error="cancelled by the user")
                 return status
-            error = f"attempt {claim.attempt} exited with code {code}: {_last_line(log_path)} (see {log_path})"
+            error = f"attempt {claim.attempt} exited with code {code}: {_crash_reason(log_path)} (see {log_path})"
             status = self.store.end_attempt(claim, "crashed", error)
             self.echo(f"run {run['id']}: {error}; {'will be retried' if status == 'queued' else 'failed'}")
             self.registry.notify("run_ended", run=info, status="interrupted" if status == "queued" else "failed",
@@ -203,9 +203,14 @@ def _write_json(path: Path, data: Any) -> None:
     tmp.replace(path)
 
 
-def _last_line(path: Path) -> str:
-    lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
-    return lines[-1].strip()[:500] if lines else "no output"
+_ERROR_LINE = re.compile(r"^(?:\[rank\d+\]:\s*)?((?:[\w.]+\.)?\w*(?:Error|Exception|Interrupt)\b.*)$")
+
+
+def _crash_reason(path: Path) -> str:
+    """The last exception line a rank printed (torchrun's own summary says only that a child failed)."""
+    lines = [line.strip() for line in path.read_text(errors="replace").splitlines() if line.strip()]
+    errors = [m.group(1) for line in lines if (m := _ERROR_LINE.match(line)) and "ChildFailedError" not in line]
+    return (errors[-1] if errors else lines[-1] if lines else "no output")[:500]
 
 
 def _stop(proc: subprocess.Popen) -> None:

@@ -101,7 +101,8 @@ def _pip_target(tmp_path: Path, *packages: Path) -> Path:
 
 @pytest.mark.slow
 def test_pip_installed_plugins_appear_work_and_break_alone(workdir: Path) -> None:
-    site = _pip_target(workdir, ROOT / "examples" / "orch-plugin-example", ROOT / "tests" / "fixtures" / "broken-plugin")
+    site = _pip_target(workdir, ROOT / "examples" / "orch-plugin-example",
+                       ROOT / "tests" / "fixtures" / "broken-plugin")
     env = {"PYTHONPATH": f"{site}:{ROOT}"}
     listed = {(i["kind"], i["name"]): i for i in json.loads(orch("plugins", "--json", cwd=workdir, env=env).stdout)}
     example = listed[("loss", "vse-hinge")]

@@ -99,5 +99,5 @@ def test_two_process_gloo_run_end_to_end(workdir: Path) -> None:
     assert store.run(1)["status"] == "finished"
     assert store.latest_checkpoint(1)["step"] == 6
     checkpoint = Path(store.latest_checkpoint(1)["path"])
-    assert (checkpoint / "rng-rank0.pt").exists() and (checkpoint / "rng-rank1.pt").exists()  # both ranks saved
+    assert (checkpoint / "rank0.pt").exists() and (checkpoint / "rank1.pt").exists()  # both ranks saved
     assert "zs/top1" in store.final_metrics(1)

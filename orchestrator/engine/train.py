@@ -117,12 +117,17 @@ def train(spec: dict[str, Any], registry: Registry, run: RunInfo, store: Store |
 
     checkpoints = run.run_dir / "checkpoints"
     step, epoch, batch_in_epoch = 0, 0, 0
+    interval: dict[str, torch.Tensor] = {}  # loss sums since the last log, per rank
+    interval_steps = 0
     if resume_tag:
         _, client = engine.load_checkpoint(str(checkpoints), tag=resume_tag)
         state = client["orch"]
         step, epoch, batch_in_epoch = state["step"], state["epoch"], state["batch"]
         comp.sampler.load_state_dict(state["sampler"])
-        _set_rng(torch.load(checkpoints / resume_tag / f"rng-rank{rank}.pt", weights_only=False))
+        rank_state = torch.load(checkpoints / resume_tag / f"rank{rank}.pt", map_location="cpu", weights_only=False)
+        _set_rng(rank_state["rng"])
+        interval = {k: v.to(device) for k, v in rank_state["interval"].items()}
+        interval_steps = rank_state["interval_steps"]
 
     reporter = Reporter(store, claim, registry, run) if rank == 0 else None
     if reporter:
@@ -133,8 +138,7 @@ def train(spec: dict[str, Any], registry: Registry, run: RunInfo, store: Store |
     labels = getattr(train_split, "labels", None)
     micro = trainer["batch_size"] // (world * trainer["accum"])
     collate = partial(_collate, model=model)
-    interval: dict[str, torch.Tensor] = {}
-    interval_start, interval_steps = time.perf_counter(), 0
+    interval_start = time.perf_counter()
 
     while step < trainer["steps"]:
         batches = list(comp.sampler.batches(len(train_split), labels, trainer["batch_size"], trainer["seed"], epoch))
@@ -158,14 +162,17 @@ def train(spec: dict[str, Any], registry: Registry, run: RunInfo, store: Store |
                 model.loss.after_step()
             step, batch_in_epoch, interval_steps = step + 1, batch_in_epoch + 1, interval_steps + 1
 
-            if step % trainer["log_every"] == 0 or step == trainer["steps"]:
-                elapsed = time.perf_counter() - interval_start
+            logging = step % trainer["log_every"] == 0 or step == trainer["steps"]
+            saving = trainer["checkpoint_every"] and step % trainer["checkpoint_every"] == 0 or step == trainer["steps"]
+            if logging or saving:  # never log or checkpoint a diverged model
                 scalars = _mean_over_ranks(interval, interval_steps)
                 bad = {k: v for k, v in scalars.items() if not np.isfinite(v)}
                 if bad:
                     terms = ", ".join(f"{k}={v}" for k, v in bad.items())
                     raise NonFiniteLoss(f"non-finite {terms} between steps {step - interval_steps + 1} and {step}; "
                                         f"the last valid checkpoint is kept: lower --lr or raise --warmup")
+            if logging:
+                elapsed = time.perf_counter() - interval_start
                 scalars = {f"train/{k}": v for k, v in scalars.items()}
                 scalars["train/lr"] = scheduler.get_last_lr()[0] if scheduler else trainer["lr"]
                 scalars["train/samples_per_s"] = interval_steps * trainer["batch_size"] / max(elapsed, 1e-9)
@@ -175,8 +182,9 @@ def train(spec: dict[str, Any], registry: Registry, run: RunInfo, store: Store |
                 if reporter:
                     reporter.log(step, scalars)
                 interval, interval_start, interval_steps = {}, time.perf_counter(), 0
-            if trainer["checkpoint_every"] and step % trainer["checkpoint_every"] == 0 or step == trainer["steps"]:
-                _save(engine, comp, checkpoints, step, epoch, batch_in_epoch, reporter, rank)
+            if saving:
+                rank_state = {"rng": _get_rng(), "interval": interval, "interval_steps": interval_steps}
+                _save(engine, comp, checkpoints, step, epoch, batch_in_epoch, reporter, rank, rank_state)
             if trainer["eval_every"] and step % trainer["eval_every"] == 0 and step < trainer["steps"]:
                 results = _evaluate(comp, model, device, precision, trainer)
                 if reporter:
@@ -234,13 +242,14 @@ def _evaluate(comp: Composition, model: RunModel, device: torch.device, precisio
 
 
 def _save(engine: Any, comp: Composition, root: Path, step: int, epoch: int, batch: int,
-          reporter: Reporter | None, rank: int) -> None:
-    """DeepSpeed's save on every rank; valid in the store only once every rank has written it whole."""
+          reporter: Reporter | None, rank: int, rank_state: dict[str, Any]) -> None:
+    """DeepSpeed's save on every rank, plus each rank's RNG and unlogged loss sums (DeepSpeed keeps only
+    rank 0's client state); valid in the store only once every rank has written it whole."""
     tag = f"step-{step:08d}"
     state = {"orch": {"step": step, "epoch": epoch, "batch": batch, "sampler": comp.sampler.state_dict()}}
     try:
         engine.save_checkpoint(str(root), tag=tag, client_state=state, save_latest=False)
-        torch.save(_get_rng(), root / tag / f"rng-rank{rank}.pt")
+        torch.save(rank_state, root / tag / f"rank{rank}.pt")
         failed = torch.zeros(1, device=engine.device)
     except Exception as exc:  # noqa: BLE001 - classified below; every rank must reach the all_reduce
         if not is_disk_full(exc, root):

@@ -1,0 +1,173 @@
+"""Faults injected into real runs: non-finite loss, crashes, OOM, damaged checkpoints, a full disk, a
+tracker outage. Each run is real (DeepSpeed under torchrun, a real store, a real MLflow server)."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from orchestrator.store import Store
+from tests.conftest import orch
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = ["--encoder", "vit:depth=1,width=64,embed_dim=64", "--text-encoder",
+         "text-transformer:depth=1,width=64,embed_dim=64", "--batch-size", "64", "--eval", "zs"]
+
+
+@pytest.fixture(scope="module")
+def faulty_site(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    target = tmp_path_factory.mktemp("faulty") / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
+                    "--target", str(target), str(ROOT / "tests" / "fixtures" / "faulty-plugin")],
+                   check=True, capture_output=True)
+    return {"PYTHONPATH": f"{target}:{ROOT}"}
+
+
+def _store(workdir: Path) -> Store:
+    return Store.open(f"sqlite:///{workdir}/experiments.db")
+
+
+def test_non_finite_loss_stops_with_its_reason_and_keeps_the_checkpoint(workdir: Path, faulty_site) -> None:
+    result = orch("run", *SMALL, "--loss", "faulty:mode=nan,at_step=8", "--steps", "20", "--checkpoint-every", "5",
+                  "--log-every", "5", "--quiet", cwd=workdir, env=faulty_site)
+    assert result.returncode == 1
+    run = _store(workdir).run(1)
+    assert run["status"] == "failed"
+    assert run["error"].startswith("non-finite") and "loss=nan" in run["error"]
+    assert "between steps 6 and 10" in run["error"]
+    assert [a["outcome"] for a in _store(workdir).attempts(1)] == ["failed"]  # not retried: it would fail again
+    assert _store(workdir).latest_checkpoint(1)["step"] == 5
+
+
+def test_gpu_out_of_memory_says_what_to_change(workdir: Path, faulty_site) -> None:
+    orch("run", *SMALL, "--loss", "faulty:mode=oom,at_step=2", "--steps", "4", "--quiet", cwd=workdir, env=faulty_site)
+    error = _store(workdir).run(1)["error"]
+    assert "out of GPU memory" in error and "--accum" in error and "--zero" in error
+
+
+def test_a_crash_is_retried_and_resumes_from_the_checkpoint(workdir: Path, faulty_site) -> None:
+    marker = workdir / "crashed-once"
+    result = orch("run", *SMALL, "--loss", f"faulty:mode=crash-once,at_step=12,marker={marker}", "--steps", "16",
+                  "--checkpoint-every", "5", "--quiet", cwd=workdir, env=faulty_site)
+    assert result.returncode == 0, result.stdout
+    assert "injected crash at step 12" in result.stdout and "will be retried" in result.stdout
+    store = _store(workdir)
+    assert [a["outcome"] for a in store.attempts(1)] == ["crashed", "finished"]
+    assert "resuming from step 10" in (workdir / "runs" / "1" / "attempt-2.log").read_text() or \
+        "resuming from step 10" in result.stdout
+
+
+def test_a_run_that_keeps_crashing_fails_after_max_attempts_and_resume_brings_it_back(workdir: Path,
+                                                                                      faulty_site) -> None:
+    result = orch("run", *SMALL, "--loss", "faulty:mode=crash,at_step=2", "--steps", "4", "--max-attempts", "2",
+                  "--quiet", cwd=workdir, env=faulty_site)
+    assert result.returncode == 1
+    store = _store(workdir)
+    run = store.run(1)
+    assert run["status"] == "failed" and "injected crash" in run["error"]
+    assert [a["outcome"] for a in store.attempts(1)] == ["crashed", "crashed"]
+    assert orch("resume", "1", cwd=workdir, env=faulty_site).returncode == 0
+    assert store.run(1)["status"] == "queued"
+
+
+def test_damaged_checkpoint_is_detected_and_the_previous_one_used(workdir: Path, faulty_site) -> None:
+    marker = workdir / "crashed-once"
+    spec = [*SMALL, "--steps", "20", "--checkpoint-every", "5", "--log-every", "5"]
+    failed = orch("run", *spec, "--loss", f"faulty:mode=crash-once,at_step=17,marker={marker}", "--max-attempts", "1",
+                  "--quiet", cwd=workdir, env=faulty_site)
+    assert failed.returncode == 1
+    store = _store(workdir)
+    latest = Path(store.latest_checkpoint(1)["path"])
+    assert latest.name == "step-00000015"
+    victim = max((p for p in latest.rglob("*.pt")), key=lambda p: p.stat().st_size)
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])  # a torn write
+
+    assert orch("resume", "1", cwd=workdir).returncode == 0
+    resumed = orch("worker", "--quiet", cwd=workdir, env=faulty_site)
+    assert "checkpoint at step 15 is damaged" in resumed.stdout and "truncated" in resumed.stdout
+    assert "resuming from step 10" in resumed.stdout
+    assert store.run(1)["status"] == "finished"
+
+    clean = orch("run", *spec, "--loss", "faulty:mode=ok", "--quiet", cwd=workdir, env=faulty_site)
+    assert clean.returncode == 0
+    drop = {"train/samples_per_s"}
+    assert {k: v for k, v in store.final_metrics(1).items() if k not in drop} == \
+        {k: v for k, v in store.final_metrics(2).items() if k not in drop}
+
+
+def test_disk_full_while_checkpointing_stops_cleanly(workdir: Path) -> None:
+    runs = workdir / "small-disk"
+    runs.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1700k", "tmpfs", str(runs)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        result = orch("--runs-dir", str(runs), "run", *SMALL, "--steps", "12", "--checkpoint-every", "4", "--quiet",
+                      cwd=workdir)
+        store = _store(workdir)
+        run = store.run(1)
+        assert result.returncode == 1 and run["status"] == "failed"
+        assert run["error"].startswith("disk full while writing checkpoint step 8")
+        kept = store.latest_checkpoint(1)
+        assert kept["step"] == 4
+        from orchestrator.engine.checkpoint import verify
+
+        assert verify(Path(kept["path"])) is None  # the previous checkpoint is whole
+        assert not (runs / "1" / "checkpoints" / "step-00000008").exists()
+    finally:
+        subprocess.run(["umount", str(runs)], capture_output=True)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_tracker_outage_loses_nothing_and_sync_catches_up(workdir: Path) -> None:
+    port = _free_port()
+    uri = f"http://127.0.0.1:{port}"
+    env = {"MLFLOW_TRACKING_URI": uri, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "2",
+           "ORCH_MLFLOW_END_TIMEOUT": "5"}
+    result = orch("run", *SMALL, "--steps", "10", "--log-every", "2", "--quiet", cwd=workdir, env=env)
+    assert result.returncode == 0, result.stdout + result.stderr  # training went on without its tracker
+    store = _store(workdir)
+    stored = store.metrics(1)
+    assert {m["step"] for m in stored if m["name"] == "train/loss"} == {2, 4, 6, 8, 10}
+
+    server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+                               "--workers", "1", "--backend-store-uri", f"sqlite:///{workdir}/mlflow-server.db",
+                               "--default-artifact-root", str(workdir / "artifacts")],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                urllib.request.urlopen(f"{uri}/health", timeout=2)
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "mlflow server did not start"
+                time.sleep(1)
+        synced = orch("sync", "1", cwd=workdir, env=env)
+        assert synced.returncode == 0 and "replayed 6 logged steps" in synced.stdout, synced.stdout + synced.stderr
+        from mlflow import MlflowClient
+
+        client = MlflowClient(uri)
+        (found,) = client.search_runs(client.get_experiment_by_name("orch").experiment_id)
+        assert found.info.status == "FINISHED"
+        history = client.get_metric_history(found.info.run_id, "train/loss")
+        assert sorted(m.step for m in history) == [2, 4, 6, 8, 10]
+        losses = {m["step"]: m["value"] for m in stored if m["name"] == "train/loss"}
+        assert {m.step: m.value for m in history} == losses
+        assert json.loads(client.get_run(found.info.run_id).data.params["trainer.steps"]) == 10
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
