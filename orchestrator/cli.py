@@ -172,11 +172,12 @@ def _headline(metrics: dict[str, float]) -> str:
 def _table(headers: list[str], rows: list[list[Any]]) -> None:
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
     table = Table(*headers, box=None, header_style="bold", pad_edge=False)
     for row in rows:
-        table.add_row(*[str(c) for c in row])
-    Console(soft_wrap=True).print(table)
+        table.add_row(*[Text(str(c)) for c in row])  # Text: names like "[lr=0.003]" are not markup
+    Console(width=None if sys.stdout.isatty() else 1000).print(table)  # pipes get whole lines
 
 
 @cli.command(name="ls")
@@ -242,6 +243,50 @@ def show(ctx: click.Context, run_id: int, as_json: bool) -> None:
 
 @cli.command()
 @click.argument("run_id", type=int)
+@click.option("-f", "--follow", is_flag=True, help="keep printing new lines until the run stops running")
+@click.option("--attempt", type=click.IntRange(1), default=None, help="which attempt (default: the latest)")
+@click.pass_context
+def logs(ctx: click.Context, run_id: int, follow: bool, attempt: int | None) -> None:
+    """Print a run's log: what its training processes wrote, kept per attempt (runs/ID/attempt-N.log)."""
+    import time
+
+    from orchestrator.worker import runs_dir
+
+    store = _store(ctx)
+    run = store.run(run_id)
+    numbers = [a["number"] for a in store.attempts(run_id)]
+    if not numbers:
+        raise UserError(f"run {run_id} has no log yet: it is {run['status']} and has not started")
+    if attempt is None:
+        attempt = numbers[-1]
+    elif attempt not in numbers:
+        raise UserError(f"run {run_id} has no attempt {attempt}: its attempts are {', '.join(map(str, numbers))}")
+    path = runs_dir(ctx.obj["runs_dir"]) / str(run_id) / f"attempt-{attempt}.log"
+    if not path.is_file():
+        raise UserError(f"there is no log at {path} (yet): if the run's worker keeps its runs elsewhere, "
+                        f"pass --runs-dir or set ORCH_RUNS_DIR")
+    out = sys.stdout.buffer
+    with path.open("rb") as log:
+        out.write(log.read())
+        out.flush()
+        try:
+            while follow and _attempt_running(store, run_id, attempt):
+                time.sleep(0.5)
+                out.write(log.read())
+                out.flush()
+        except KeyboardInterrupt:
+            return
+        out.write(log.read())  # whatever was written between the last read and the end
+        out.flush()
+
+
+def _attempt_running(store: Any, run_id: int, attempt: int) -> bool:
+    """The run is running, and this attempt is its current one (a requeued run starts another log)."""
+    return store.run(run_id)["status"] == "running" and store.attempts(run_id)[-1]["number"] == attempt
+
+
+@cli.command()
+@click.argument("run_id", type=int)
 @click.pass_context
 def cancel(ctx: click.Context, run_id: int) -> None:
     """Cancel a queued or running run (a running one is stopped by its worker)."""
@@ -265,11 +310,16 @@ def resume(ctx: click.Context, run_id: int) -> None:
 @cli.command()
 @click.argument("run_ids", type=int, nargs=-1, required=True)
 @click.option("--json", "as_json", is_flag=True, help="print JSON")
+@click.option("--plot", type=click.Path(dir_okay=False), default=None, metavar="PNG",
+              help="also draw their loss and metric curves into this PNG file")
 @click.pass_context
-def compare(ctx: click.Context, run_ids: tuple[int, ...], as_json: bool) -> None:
+def compare(ctx: click.Context, run_ids: tuple[int, ...], as_json: bool, plot: str | None) -> None:
     """Final metrics of runs side by side, with the options in which their specs differ."""
     store = _store(ctx)
     runs = [store.run(i) for i in run_ids]
+    if plot:
+        _plot_curves(runs, {r["id"]: store.metrics(r["id"]) for r in runs}, plot)
+        click.echo(f"wrote {plot}", err=as_json)
     metrics = {r["id"]: store.final_metrics(r["id"]) for r in runs}
     flat = {r["id"]: _flatten(r["spec"]) for r in runs}
     keys = sorted(set().union(*flat.values()))
@@ -287,6 +337,56 @@ def compare(ctx: click.Context, run_ids: tuple[int, ...], as_json: bool) -> None
     _table(["", *[f"run {r['id']}" for r in runs]], [["status", *[r["status"] for r in runs]], *rows])
 
 
+def _plot_curves(runs: list[dict[str, Any]], series: dict[int, list[dict[str, Any]]], path: str) -> None:
+    """One subplot per metric (train/loss first, then evaluations, then other training scalars), one line per run.
+
+    matplotlib is imported here, and drives Agg through a bare Figure (no pyplot, no display): plain
+    ``orch compare`` stays fast and --plot works on a headless worker.
+    """
+    names = {row["name"] for rows in series.values() for row in rows}
+    if not names:
+        raise UserError(f"run(s) {', '.join(str(r['id']) for r in runs)} have logged no metrics yet: nothing to plot")
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+        from matplotlib.ticker import MaxNLocator
+    except ImportError:
+        raise UserError("--plot needs matplotlib: pip install matplotlib") from None
+    runs = list({r["id"]: r for r in runs}.values())  # a run named twice is drawn once
+    lo = min(row["step"] for rows in series.values() for row in rows)
+    hi = max(row["step"] for rows in series.values() for row in rows)
+    pad = max((hi - lo) * 0.03, 0.5)  # one x range for all: a final eval sits at the end
+    order = sorted(names, key=lambda n: (n != "train/loss", n.startswith("train/"), n))
+    cols = min(3, len(order))
+    rows = -(-len(order) // cols)
+    fig = Figure(figsize=(5 * cols, 3.4 * rows + 0.6), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    for ax, name in zip(axes, order):
+        for i, run in enumerate(runs):
+            points = [(r["step"], r["value"]) for r in series[run["id"]] if r["name"] == name]
+            if points:
+                steps, values = zip(*points)
+                ax.plot(steps, values, color=f"C{i % 10}", label=f"run {run['id']}: {run['name']}",
+                        marker="o" if len(points) <= 20 else None, markersize=4)
+        ax.set_title(name)
+        ax.set_xlabel("step")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlim(lo - pad, hi + pad)
+        ax.grid(alpha=0.3)
+    for ax in axes[len(order):]:
+        ax.set_visible(False)
+    handles: dict[str, Any] = {}  # one legend entry per run, even when a run lacks some metric
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(label, handle)
+    fig.legend(list(handles.values()), list(handles), loc="outside lower center", ncols=min(len(handles), 2))
+    try:
+        fig.savefig(path, dpi=100)
+    except OSError as exc:
+        raise UserError(f"--plot: cannot write {path} ({exc.strerror or exc}): choose a writable path") from None
+
+
 def _flatten(spec: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for slot, entry in spec.items():
@@ -302,10 +402,13 @@ def _flatten(spec: dict[str, Any]) -> dict[str, Any]:
 
 # --- plugins ---------------------------------------------------------------------------------------
 
-@cli.command()
+@cli.group(invoke_without_command=True)
 @click.option("--json", "as_json", is_flag=True, help="print a JSON list of components")
-def plugins(as_json: bool) -> None:
+@click.pass_context
+def plugins(ctx: click.Context, as_json: bool) -> None:
     """Every component, tracker and broken plugin found through the `orch` entry points."""
+    if ctx.invoked_subcommand is not None:
+        return
     from orchestrator.registry import Registry
 
     components = Registry.load().all()
@@ -318,6 +421,23 @@ def plugins(as_json: bool) -> None:
         for o in c.options:
             default = "<required>" if o.required else o.default
             click.echo(f"{'':<29}{o.name}: {o.type_name} = {default}")
+
+
+@plugins.command(name="new")
+@click.argument("name")
+@click.option("--kind", required=True, type=click.Choice(["loss", "encoder", "dataset", "sampler", "evaluator",
+                                                          "tracker"]), help="what the plugin adds")
+@click.option("--dir", "directory", default=".", type=click.Path(file_okay=False), show_default=True,
+              help="where to create the package folder orch-NAME/")
+def plugins_new(name: str, kind: str, directory: str) -> None:
+    """Create a plugin package orch-NAME/ that adds one component of KIND (tests and README included)."""
+    from pathlib import Path
+
+    from orchestrator.scaffold import new_plugin
+
+    target = new_plugin(name, kind, Path(directory))
+    click.echo(f"created {target}: the {kind} {name!r} in package {target.name}\n"
+               f"next: cd {target} && pip install -e . && python -m pytest; then `orch plugins` lists it")
 
 
 # --- browsing runs -------------------------------------------------------------------------------------

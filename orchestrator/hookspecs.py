@@ -71,7 +71,8 @@ def register_samplers(register: Any) -> None:
 
     Built with its options, a sampler has ``batches(n, labels, batch_size, seed, epoch)`` yielding the
     GLOBAL batches (lists of indices into the train split) of one epoch, deterministic from
-    (seed, epoch); the engine shards each global batch across ranks. ``state_dict()`` and
+    (seed, epoch); the engine shards each global batch across ranks (a batch shorter than ``batch_size``
+    cannot be sharded evenly and is skipped). ``state_dict()`` and
     ``load_state_dict(state)`` carry whatever else it needs to resume.
     """
 

@@ -334,7 +334,10 @@ def run_name(spec: dict[str, Any], registry: Registry) -> str:
             if opt is None or opt.required or _json_default(opt.default) != value:
                 changed.append(f"{key}={Path(value).name if isinstance(value, str) and '/' in value else value}")
         parts.append(entry["name"] + (f"({','.join(changed)})" if changed else ""))
-    return "-".join(parts)
+    trainer = spec.get("trainer", {})
+    changed = [f"{o.name}={trainer[o.name]}" for o in TRAINER_OPTIONS
+               if o.name in trainer and o.name != "warmup" and trainer[o.name] != o.default]
+    return "-".join(parts) + (f" [{','.join(changed)}]" if changed else "")
 
 
 def expand_grid(registry: Registry, choices: dict[str, list[str]], trainer_raw: dict[str, list[str]],

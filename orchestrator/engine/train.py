@@ -141,7 +141,8 @@ def train(spec: dict[str, Any], registry: Registry, run: RunInfo, store: Store |
     interval_start = time.perf_counter()
 
     while step < trainer["steps"]:
-        batches = list(comp.sampler.batches(len(train_split), labels, trainer["batch_size"], trainer["seed"], epoch))
+        batches = comp.sampler.batches(len(train_split), labels, trainer["batch_size"], trainer["seed"], epoch)
+        batches = [b for b in batches if len(b) == trainer["batch_size"]]  # ranks need equal shards
         if not batches:
             raise UserError(f"dataset {spec['data']['name']} has {len(train_split)} training samples, fewer than "
                             f"one batch of {trainer['batch_size']}: lower --batch-size")
