@@ -1,0 +1,114 @@
+"""Your own labelled images, as an ImageFolder tree (``root/CLASS/IMAGE.png``), with CLIP-style captions.
+
+Labels are the sorted class folder names; captions put the class name into prompt templates as CLIP did
+(Radford et al. 2021), so the same names and templates also drive zero-shot evaluation (``--eval zs``).
+Images are decoded when indexed, not held in memory, so a large folder costs only its file list; every
+file is checked once when the dataset is built so that a corrupt image fails the run at the start, with
+its name, instead of hours into training.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from orchestrator.data import caption, held_out
+from orchestrator.errors import UserError
+from plugins.datasets import class_folders, image_files
+
+# Prompt sets. "photo": five of CLIP's 80 ImageNet templates, short enough that a byte-level text tower
+# with a 32-token context keeps class names of up to 8 characters whole. "clip7": the 7 templates CLIP's
+# Prompt_Engineering_for_ImageNet notebook selected. "name": the bare class name.
+TEMPLATES = {
+    "photo": ["a photo of a {}.", "a blurry photo of a {}.", "a cropped photo of a {}.",
+              "a bright photo of a {}.", "a photo of the {}."],
+    "clip7": ["itap of a {}.", "a bad photo of the {}.", "a origami {}.", "a photo of the large {}.",
+              "a {} in a video game.", "art of the {}.", "a photo of the small {}."],
+    "name": ["{}"],
+}
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, UnidentifiedImageError):
+        return "not an image format PIL can read"
+    return (str(exc).splitlines() or [type(exc).__name__])[0]
+
+
+def verify_image(path: Path, where: str) -> None:
+    """Read the file's header and checksums (no full decode), or raise a UserError that names the file."""
+    try:
+        with Image.open(path) as img:
+            img.verify()
+    except _DECODE_ERRORS as exc:
+        raise UserError(f"{where}: cannot read image {path} ({_reason(exc)}): replace or delete the file") from None
+
+
+def load_image(path: Path, size: int, where: str) -> torch.Tensor:
+    """3 x size x size RGB floats in [0, 1]: the short side resized, then centre-cropped (keeps the aspect)."""
+    try:
+        with Image.open(path) as img:
+            img = ImageOps.fit(img.convert("RGB"), (size, size), Image.Resampling.BICUBIC)
+    except _DECODE_ERRORS as exc:
+        raise UserError(f"{where}: cannot read image {path} ({_reason(exc)}): replace or delete the file") from None
+    return torch.from_numpy(np.array(img)).permute(2, 0, 1).float().div_(255.0)
+
+
+class ImageFiles:
+    """A split whose images are decoded from their files when indexed; ``labels`` is None when unlabelled."""
+
+    def __init__(self, files: Sequence[Path], captions: Sequence[str], labels: Sequence[int] | None,
+                 image_size: int, where: str) -> None:
+        self.files, self.captions = list(files), list(captions)
+        self.labels = None if labels is None else [int(y) for y in labels]
+        self.image_size, self.where = image_size, where
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> dict:
+        item = {"image": load_image(self.files[i], self.image_size, self.where), "text": self.captions[i]}
+        if self.labels is not None:
+            item["label"] = self.labels[i]
+        return item
+
+
+class ImageFolder:
+    """Your labelled images in an ImageFolder tree (root/CLASS/IMAGE.png), CLIP-style captions; fixed split.
+
+    ``root`` holds one folder per class (nested folders inside a class are included); labels follow
+    the sorted folder names, which ``underscore_to_space`` turns into class names (``golden_retriever``
+    -> ``golden retriever``). Each image's caption is its class name in one of the ``templates``
+    (photo: CLIP-style "a photo of a {}.", clip7: CLIP's 7 ImageNet prompts, name: the bare name), which
+    zero-shot evaluation uses too. The held-out ``test`` split is the last ``test_fraction`` of each class
+    in file-name order, whatever the seed. Images become RGB ``image_size`` squares (resize, centre crop).
+    """
+
+    def __init__(self, root: Path, test_fraction: float = 0.2, image_size: int = 64,
+                 templates: Literal["photo", "clip7", "name"] = "photo", underscore_to_space: bool = True):
+        root = Path(root)
+        folders = class_folders(root)
+        self.class_names = [f.replace("_", " ") if underscore_to_space else f for f in folders]
+        self.templates = list(TEMPLATES[templates])
+        files, labels = [], []
+        for label, folder in enumerate(folders):
+            found = image_files(root / folder)
+            files += found
+            labels += [label] * len(found)
+        for path in files:
+            verify_image(path, "imagefolder")
+        captions = [caption(y, i, self.class_names, self.templates) for i, y in enumerate(labels)]
+        train, test = held_out(labels, test_fraction)
+        if not test:
+            raise UserError(f"imagefolder: every class folder in {root} holds a single image; the held-out split "
+                            f"needs at least 2 images in some class")
+        self.train, self.test = (
+            ImageFiles([files[i] for i in idx], [captions[i] for i in idx], [labels[i] for i in idx],
+                       image_size, "imagefolder")
+            for idx in (train, test)
+        )
