@@ -110,14 +110,16 @@ def run(ctx: click.Context, quiet: bool, lease: float, **kwargs: Any) -> None:
 
     ids = _queue(ctx, kwargs)
     worker = Worker(_store(ctx), runs_dir(ctx.obj["runs_dir"]), lease_seconds=lease, quiet=quiet, echo=click.echo)
-    statuses = []
     for run_id in ids:
         claim = worker.store.claim(worker.id, lease, run_id=run_id)
         if claim is None:
             click.echo(f"run {run_id} was taken by another worker")
             continue
-        statuses.append(worker.execute(claim))
-    if any(s != "finished" for s in statuses):
+        worker.execute(claim)
+    outcomes = [worker.store.attempts(i)[-1]["outcome"] if worker.store.attempts(i) else "none" for i in ids]
+    if "failed" in outcomes:  # a reason the user can act on (bad data, diverged loss, full disk)
+        sys.exit(2)
+    if any(o != "finished" for o in outcomes):
         sys.exit(1)
 
 
@@ -425,11 +427,11 @@ def plugins(ctx: click.Context, as_json: bool) -> None:
 
 @plugins.command(name="new")
 @click.argument("name")
-@click.option("--kind", required=True, type=click.Choice(["loss", "encoder", "dataset", "sampler", "evaluator",
-                                                          "tracker"]), help="what the plugin adds")
+@click.option("--kind", type=click.Choice(["loss", "encoder", "dataset", "sampler", "evaluator", "tracker"]),
+              help="what the plugin adds (required)")
 @click.option("--dir", "directory", default=".", type=click.Path(file_okay=False), show_default=True,
               help="where to create the package folder orch-NAME/")
-def plugins_new(name: str, kind: str, directory: str) -> None:
+def plugins_new(name: str, kind: str | None, directory: str) -> None:
     """Create a plugin package orch-NAME/ that adds one component of KIND (tests and README included)."""
     from pathlib import Path
 

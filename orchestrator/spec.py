@@ -250,12 +250,15 @@ def resolve_trainer(raw: dict[str, str]) -> dict[str, Any]:
 def resolve_run(registry: Registry, choices: dict[str, Any], trainer_raw: dict[str, str]) -> dict[str, Any]:
     """One run: ``choices`` maps each slot to ``"NAME:k=v"`` (``eval`` to a list of them)."""
     spec: dict[str, Any] = {}
-    loss_name, loss_raw = parse_choice(choices.get("loss") or DEFAULTS["loss"])
+    def choice(slot: str) -> str:
+        return DEFAULTS[slot] if choices.get(slot) is None else choices[slot]
+
+    loss_name, loss_raw = parse_choice(choice("loss"))
     loss = registry.get("loss", loss_name)
     needs_text = "text" in loss.declared.get("needs", ())
     components: dict[str, Component] = {"loss": loss}
     for slot in ("data", "encoder", "loss", "sampler"):
-        name, raw = (loss_name, loss_raw) if slot == "loss" else parse_choice(choices.get(slot) or DEFAULTS[slot])
+        name, raw = (loss_name, loss_raw) if slot == "loss" else parse_choice(choice(slot))
         components[slot] = registry.get(SLOTS[slot], name)
         spec[slot] = resolve_component(components[slot], raw, slot)
 
@@ -267,13 +270,13 @@ def resolve_run(registry: Registry, choices: dict[str, Any], trainer_raw: dict[s
     text_choice = choices.get("text_encoder")
     spec["text_encoder"] = None
     if needs_text and not shared:
-        name, raw = parse_choice(text_choice or DEFAULTS["text_encoder"])
+        name, raw = parse_choice(choice("text_encoder"))
         components["text_encoder"] = registry.get("encoder", name)
         if components["text_encoder"].declared.get("modality") not in ("text", "both"):
             raise UserError(f"--text-encoder {name} is not a text encoder (its modality is "
                             f"{components['text_encoder'].declared.get('modality', 'image')})")
         spec["text_encoder"] = resolve_component(components["text_encoder"], raw, "text_encoder")
-    elif text_choice:
+    elif text_choice is not None:
         why = f"--encoder {components['encoder'].name} is shared by both modalities" if shared else \
             f"--loss {loss.name} trains no text tower"
         raise UserError(f"--text-encoder {text_choice} is not used: {why}; drop --text-encoder")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -99,6 +100,7 @@ def server_command(store: TrackingStore, host: str, port: int, hosts: str | None
 def _port_free(host: str, port: int) -> bool:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: TIME_WAIT is no conflict
         try:
             sock.bind((host, port))
         except OSError:
@@ -132,7 +134,9 @@ def serve(host: str, port: int, hosts: str | None = None, echo: Callable[[str], 
     echo(f"MLflow UI over {store.uri}" + (f" (artifacts {store.artifact_root})" if store.artifact_root else ""))
     if host not in ("127.0.0.1", "localhost", "::1"):
         echo(f"warning: listening on {host}: anyone who can reach this machine can read and edit the runs")
-    proc = subprocess.Popen(server_command(store, host, port, hosts))
+    # Its own session: a Ctrl-C reaches the server once, through us, and we can stop all its processes.
+    proc = subprocess.Popen(server_command(store, host, port, hosts), env=server_env(), start_new_session=True)
+    previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:
         if wait_until_up(url, START_TIMEOUT, alive=lambda: proc.poll() is None):
             echo(f"open {url}  (Ctrl-C stops it)")
@@ -140,12 +144,36 @@ def serve(host: str, port: int, hosts: str | None = None, echo: Callable[[str], 
             echo(f"the server has not answered yet; it should appear at {url}")
         code = proc.wait()
     except KeyboardInterrupt:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop(proc)
         return 0
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     if code != 0:
         echo(f"error: mlflow server exited with code {code} (its messages are above)")
     return code
+
+
+def server_env() -> dict[str, str]:
+    """The server's environment: no LLM-judge job runner (seven extra processes) unless asked for."""
+    env = dict(os.environ)
+    env.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
+    return env
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def stop(proc: subprocess.Popen, timeout: float = 15.0) -> None:
+    """Stop a server started in its own session: SIGINT (graceful), then SIGKILL to its whole group."""
+    try:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=timeout)
+    except (subprocess.TimeoutExpired, ProcessLookupError):
+        pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # whatever it left behind (uvicorn, job runners)
+    except (ProcessLookupError, PermissionError):
+        pass
+    proc.wait()

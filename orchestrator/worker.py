@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.engine.checkpoint import verify
+from orchestrator.errors import UserError
 from orchestrator.registry import Registry
 from orchestrator.runinfo import RunInfo
 from orchestrator.store import Claim, Fenced, Store
@@ -27,7 +28,11 @@ RUNS_DIR_ENV = "ORCH_RUNS_DIR"
 
 
 def runs_dir(path: str | Path | None = None) -> Path:
-    return Path(path or os.environ.get(RUNS_DIR_ENV) or "runs").absolute()
+    """Where checkpoints, logs and final weights go: shared storage when workers are on several machines."""
+    root = Path(path or os.environ.get(RUNS_DIR_ENV) or "runs").absolute()
+    if root.exists() and not root.is_dir():
+        raise UserError(f"runs folder {root} is a file: pass --runs-dir (or {RUNS_DIR_ENV}) naming a folder")
+    return root
 
 
 def worker_id() -> str:

@@ -68,7 +68,7 @@ class Store:
             store._migrate()
         except UserError:
             raise
-        except (ArgumentError, NoSuchModuleError) as exc:
+        except (ArgumentError, NoSuchModuleError, ImportError) as exc:
             raise UserError(f"store URL {shown} is not valid ({exc}): give an SQLAlchemy URL such as sqlite:///"
                             f"experiments.db or postgresql://user@host/db via --store or {STORE_ENV}") from None
         except (OperationalError, DatabaseError) as exc:
