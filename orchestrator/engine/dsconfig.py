@@ -1,7 +1,9 @@
-"""Synthesise the DeepSpeed config from the trainer options: users never write JSON."""
+"""Synthesise the DeepSpeed config and the learning-rate schedule from the trainer options."""
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from typing import Any
 
 
@@ -19,16 +21,6 @@ def deepspeed_config(trainer: dict[str, Any], world_size: int, precision: str) -
         "gradient_accumulation_steps": trainer["accum"],
         "gradient_clipping": trainer["grad_clip"],
         "zero_optimization": {"stage": trainer["zero"]},
-        "scheduler": {
-            "type": "WarmupCosineLR",
-            "params": {
-                "total_num_steps": trainer["steps"],
-                "warmup_num_steps": max(1, trainer["warmup"]),  # DeepSpeed refuses 0; 1 step is no warmup
-                "warmup_min_ratio": 0.0,
-                "cos_min_ratio": 0.0,
-                "warmup_type": "linear",
-            },
-        },
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
     }
@@ -37,3 +29,16 @@ def deepspeed_config(trainer: dict[str, Any], world_size: int, precision: str) -
     elif precision == "fp16":
         config["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16}
     return config
+
+
+def warmup_cosine(warmup: int, steps: int) -> Callable[[int], float]:
+    """The LR multiplier after ``step`` optimizer steps: linear warmup then cosine decay to 0, as open_clip's
+    ``cosine_lr`` (the first step already trains at lr/warmup; DeepSpeed's WarmupCosineLR starts at 0)."""
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, steps - warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+    return factor

@@ -31,7 +31,7 @@ import torch.distributed as dist
 
 from orchestrator.engine.checkpoint import is_disk_full, write_manifest
 from orchestrator.engine.compose import Composition, RunModel, build
-from orchestrator.engine.dsconfig import deepspeed_config, effective_precision
+from orchestrator.engine.dsconfig import deepspeed_config, effective_precision, warmup_cosine
 from orchestrator.engine.evaluation import EvalContext
 from orchestrator.errors import UserError
 from orchestrator.registry import Registry
@@ -110,7 +110,9 @@ def train(spec: dict[str, Any], registry: Registry, run: RunInfo, store: Store |
     )
     world = int(os.environ.get("WORLD_SIZE", "1"))
     config = deepspeed_config(trainer, world, precision)
-    engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(trainer["warmup"], trainer["steps"]))
+    engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule,
+                                                   config=config)
     rank, world = dist.get_rank(), dist.get_world_size()
     run = RunInfo(run.id, run.uid, run.name, run.spec, run.spec_hash, run.attempt, run.run_dir,
                   device=f"{_device_name(device)} x{world} {precision}")
@@ -175,7 +177,7 @@ def train(spec: dict[str, Any], registry: Registry, run: RunInfo, store: Store |
             if logging:
                 elapsed = time.perf_counter() - interval_start
                 scalars = {f"train/{k}": v for k, v in scalars.items()}
-                scalars["train/lr"] = scheduler.get_last_lr()[0] if scheduler else trainer["lr"]
+                scalars["train/lr"] = scheduler.get_last_lr()[0]
                 scalars["train/samples_per_s"] = interval_steps * trainer["batch_size"] / max(elapsed, 1e-9)
                 if rank == 0:
                     print(f"step {step}/{trainer['steps']}  loss {scalars.get('train/loss', float('nan')):.4f}  "

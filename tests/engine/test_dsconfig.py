@@ -1,6 +1,6 @@
 """The synthesised DeepSpeed config follows the trainer options."""
 
-from orchestrator.engine.dsconfig import deepspeed_config, effective_precision
+from orchestrator.engine.dsconfig import deepspeed_config, effective_precision, warmup_cosine
 from orchestrator.spec import resolve_trainer
 
 
@@ -13,7 +13,13 @@ def test_batch_is_split_over_ranks_and_accumulation() -> None:
     assert config["zero_optimization"] == {"stage": 2}
     assert config["gradient_clipping"] == 0.5
     assert config["bf16"] == {"enabled": True} and "fp16" not in config
-    assert config["scheduler"]["params"]["total_num_steps"] == trainer["steps"]
+
+
+def test_schedule_warms_up_from_the_first_step_then_decays_to_zero() -> None:
+    factor = warmup_cosine(warmup=4, steps=20)
+    assert [factor(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert factor(4) == 1.0 and 0.49 < factor(12) < 0.51 and factor(20) == 0.0
+    assert warmup_cosine(warmup=0, steps=3)(0) == 1.0  # no warmup: full rate at once
 
 
 def test_fp32_has_no_mixed_precision_section() -> None:
