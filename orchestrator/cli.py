@@ -211,8 +211,11 @@ def ls(ctx: click.Context, statuses: tuple[str, ...], limit: int, as_json: bool)
 @click.pass_context
 def show(ctx: click.Context, run_id: int, as_json: bool) -> None:
     """Show a run: its resolved spec, attempts, checkpoints and final metrics."""
+    from orchestrator.spec import masked
+
     store = _store(ctx)
     run = store.run(run_id)
+    run["spec"] = masked(run["spec"])
     attempts = store.attempts(run_id)
     metrics = store.final_metrics(run_id)
     checkpoint = store.latest_checkpoint(run_id)
@@ -317,8 +320,10 @@ def resume(ctx: click.Context, run_id: int) -> None:
 @click.pass_context
 def compare(ctx: click.Context, run_ids: tuple[int, ...], as_json: bool, plot: str | None) -> None:
     """Final metrics of runs side by side, with the options in which their specs differ."""
+    from orchestrator.spec import masked
+
     store = _store(ctx)
-    runs = [store.run(i) for i in run_ids]
+    runs = [{**r, "spec": masked(r["spec"])} for r in (store.run(i) for i in run_ids)]
     if plot:
         _plot_curves(runs, {r["id"]: store.metrics(r["id"]) for r in runs}, plot)
         click.echo(f"wrote {plot}", err=as_json)

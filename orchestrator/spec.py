@@ -11,6 +11,7 @@ import inspect
 import itertools
 import json
 import math
+import re
 import typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,6 +83,28 @@ def canonical_json(spec: dict[str, Any]) -> str:
 
 def spec_hash(spec: dict[str, Any]) -> str:
     return hashlib.sha256(canonical_json(spec).encode()).hexdigest()
+
+
+# --- secrets ------------------------------------------------------------------------------------
+
+SECRET_PARTS = {"token", "key", "password", "passwd", "secret", "apikey", "credential", "credentials"}
+SECRET_WORDS = ("password", "secret")
+MASK = "***"
+
+
+def is_secret(name: str) -> bool:
+    """Options named like credentials (``api_key``, ``hf_token``, ``db_password``) are never logged or printed."""
+    low = name.lower()
+    return any(w in low for w in SECRET_WORDS) or bool(SECRET_PARTS & set(re.split(r"[_\-]", low)))
+
+
+def masked(value: Any) -> Any:
+    """A copy of a spec with the values of secret-looking keys replaced by ``***``."""
+    if isinstance(value, dict):
+        return {k: MASK if is_secret(str(k)) else masked(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [masked(v) for v in value]
+    return value
 
 
 # --- parsing ------------------------------------------------------------------------------------
@@ -333,6 +356,8 @@ def run_name(spec: dict[str, Any], registry: Registry) -> str:
         comp = registry.components[SLOTS[slot]].get(entry["name"])
         changed = []
         for key, value in entry["options"].items():
+            if is_secret(key):
+                continue
             opt = comp.option(key) if comp else None
             if opt is None or opt.required or _json_default(opt.default) != value:
                 changed.append(f"{key}={Path(value).name if isinstance(value, str) and '/' in value else value}")

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from orchestrator.errors import UserError
 from orchestrator.registry import Option, Registry
-from orchestrator.spec import expand_grid, parse_choice, parse_value, resolve_run, spec_hash
+from orchestrator.spec import expand_grid, is_secret, masked, parse_choice, parse_value, resolve_run, spec_hash
 
 
 @pytest.fixture(scope="module")
@@ -129,3 +129,16 @@ def test_resolving_any_encoder_text_raises_only_user_errors(text: str) -> None:
         resolve_run(registry, {"encoder": "vit:" + text}, {})
     except UserError:
         pass
+
+
+@pytest.mark.parametrize("name, secret", [("api_key", True), ("hf_token", True), ("db_password", True),
+                                          ("client-secret", True), ("max_tokens", False), ("tokenizer", False),
+                                          ("keep", False), ("depth", False)])
+def test_secret_looking_option_names(name: str, secret: bool) -> None:
+    assert is_secret(name) is secret
+
+
+def test_masked_spec_hides_secret_values_at_any_depth() -> None:
+    spec = {"data": {"name": "hub", "options": {"api_key": "sk-123", "root": "/d"}}, "eval": [{"options": {"token": 1}}]}
+    assert masked(spec) == {"data": {"name": "hub", "options": {"api_key": "***", "root": "/d"}},
+                            "eval": [{"options": {"token": "***"}}]}

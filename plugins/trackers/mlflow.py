@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from orchestrator import hookimpl
+from orchestrator.spec import is_secret, masked
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -46,26 +47,6 @@ TAGS_PER_BATCH = 100  # and of params or tags
 MAX_PARAM = 6000  # longer params are truncated by MLflow with a warning: truncate quietly ourselves
 MAX_ERROR = 5000
 STATUSES = {"finished": "FINISHED", "failed": "FAILED", "cancelled": "KILLED", "interrupted": "KILLED"}
-SECRET_PARTS = {"token", "key", "password", "secret", "apikey"}
-SECRET_WORDS = ("password", "secret", "token")
-MASK = "***"
-
-
-def is_secret(name: str) -> bool:
-    """Option names that look like credentials are never logged as params and masked in the spec."""
-    low = name.lower()
-    return any(w in low for w in SECRET_WORDS) or bool(SECRET_PARTS & set(re.split(r"[_\-]", low)))
-
-
-def masked(value: Any) -> Any:
-    """A copy of a spec with the values of secret-looking keys replaced by ``***``."""
-    if isinstance(value, dict):
-        return {k: MASK if is_secret(str(k)) else masked(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [masked(v) for v in value]
-    return value
-
-
 def _scalar(value: Any) -> bool:
     return value is None or isinstance(value, (str, int, float, bool))
 
