@@ -139,6 +139,7 @@ def test_secret_looking_option_names(name: str, secret: bool) -> None:
 
 
 def test_masked_spec_hides_secret_values_at_any_depth() -> None:
-    spec = {"data": {"name": "hub", "options": {"api_key": "sk-123", "root": "/d"}}, "eval": [{"options": {"token": 1}}]}
+    spec = {"data": {"name": "hub", "options": {"api_key": "sk-123", "root": "/d"}},
+            "eval": [{"options": {"token": 1}}]}
     assert masked(spec) == {"data": {"name": "hub", "options": {"api_key": "***", "root": "/d"}},
                             "eval": [{"options": {"token": "***"}}]}
