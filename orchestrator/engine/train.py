@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import dataclasses
 import json
 import os
 import queue
@@ -114,8 +115,7 @@ def train(spec: dict[str, Any], registry: Registry, run: RunInfo, store: Store |
     engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule,
                                                    config=config)
     rank, world = dist.get_rank(), dist.get_world_size()
-    run = RunInfo(run.id, run.uid, run.name, run.spec, run.spec_hash, run.attempt, run.run_dir,
-                  device=f"{_device_name(device)} x{world} {precision}")
+    run = dataclasses.replace(run, device=f"{_device_name(device)} x{world} {precision}")
 
     checkpoints = run.run_dir / "checkpoints"
     step, epoch, batch_in_epoch = 0, 0, 0
