@@ -38,7 +38,7 @@ def _store(workdir: Path) -> Store:
 def test_non_finite_loss_stops_with_its_reason_and_keeps_the_checkpoint(workdir: Path, faulty_site) -> None:
     result = orch("run", *SMALL, "--loss", "faulty:mode=nan,at_step=8", "--steps", "20", "--checkpoint-every", "5",
                   "--log-every", "5", "--quiet", cwd=workdir, env=faulty_site)
-    assert result.returncode == 1
+    assert result.returncode == 2
     run = _store(workdir).run(1)
     assert run["status"] == "failed"
     assert run["error"].startswith("non-finite") and "loss=nan" in run["error"]
@@ -114,7 +114,7 @@ def test_disk_full_while_checkpointing_stops_cleanly(workdir: Path) -> None:
                       cwd=workdir)
         store = _store(workdir)
         run = store.run(1)
-        assert result.returncode == 1 and run["status"] == "failed"
+        assert result.returncode == 2 and run["status"] == "failed"
         assert run["error"].startswith("disk full while writing checkpoint step 8")
         kept = store.latest_checkpoint(1)
         assert kept["step"] == 4
