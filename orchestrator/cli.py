@@ -111,11 +111,11 @@ def run(ctx: click.Context, quiet: bool, lease: float, **kwargs: Any) -> None:
     ids = _queue(ctx, kwargs)
     worker = Worker(_store(ctx), runs_dir(ctx.obj["runs_dir"]), lease_seconds=lease, quiet=quiet, echo=click.echo)
     for run_id in ids:
-        claim = worker.store.claim(worker.id, lease, run_id=run_id)
-        if claim is None:
+        while (claim := worker.store.claim(worker.id, lease, run_id=run_id)) is not None:
+            if worker.execute(claim) != "queued":  # queued again: a crash with attempts left
+                break
+        else:
             click.echo(f"run {run_id} was taken by another worker")
-            continue
-        worker.execute(claim)
     outcomes = [worker.store.attempts(i)[-1]["outcome"] if worker.store.attempts(i) else "none" for i in ids]
     if "failed" in outcomes:  # a reason the user can act on (bad data, diverged loss, full disk)
         sys.exit(2)
