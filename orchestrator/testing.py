@@ -1,21 +1,24 @@
 """Test helpers for plugin authors: load a plugin without installing it, build and check its components
 the way the engine does, and run the real ``orch`` command line.
 
+    import orch_my_loss
     from orchestrator.testing import check, plugin_registry
 
     def test_my_loss():
-        registry = plugin_registry("orch_my_loss")          # the registration module, no install needed
+        registry = plugin_registry(orch_my_loss)              # the registration module, no install needed
         check("loss", "my-loss", registry, temperature=0.1)   # built as `--loss my-loss:temperature=0.1`
 
 ``check(kind, name, registry, **options)`` builds the component through the registry (options go through
 the same parsing, ``resolve`` and JSON round trip as ``orch queue``) and exercises the contract of its kind
-(see docs/plugins.md); it returns the built component. ``check_loss_distributed`` checks that 2 gloo ranks
-x batch B equal 1 rank x batch 2B. ``assert_light(module)`` checks that loading a plugin and reading its
-options imports no torch. ``run_orch(*args)`` runs the CLI in a subprocess.
+(``check_dataset``, ``check_encoder``, ``check_loss``, ``check_sampler``, ``check_evaluator``,
+``check_tracker``, each callable on its own; see docs/plugins.md); it returns the built component.
+``check_loss_distributed`` checks that 2 gloo ranks x batch B equal 1 rank x batch 2B. ``eval_context()``
+gives an evaluator tiny towers and data. ``assert_light(module)`` checks that loading a plugin and reading
+its options imports no torch. ``run_orch(*args)`` runs the CLI in a subprocess.
 
 With ``pytest_plugins = ["orchestrator.testing"]`` in a top-level ``conftest.py``, the fixture
 ``orch_workdir`` (a scratch working directory with its own store, runs folder and MLflow store) is
-available. This module imports no torch at module level.
+available. This module imports no torch at module level (pytest only for the fixture, if installed).
 """
 
 from __future__ import annotations
