@@ -48,7 +48,8 @@ def register_encoders(register: Any) -> None:
 
     Built with its options, an encoder is an ``nn.Module`` whose ``forward`` returns embeddings
     ``[B, embed_dim]`` (not normalised; ``embed_dim`` is an option and an attribute). An image encoder
-    has ``transform`` (applied to each image tensor); a text encoder has ``tokenize(list[str]) -> LongTensor``.
+    has ``transform`` (applied to each image tensor; picklable, for data-loading workers); a text encoder
+    has ``tokenize(list[str]) -> LongTensor``.
     An encoder of modality ``both`` has both and takes ``forward(x, modality=...)``.
     """
 
@@ -59,7 +60,7 @@ def register_losses(register: Any) -> None:
 
     Built with its options, a loss is an ``nn.Module`` (it may own parameters) whose
     ``forward(batch)`` takes a dict of embeddings (``image``, ``text``) and of ``label`` as needed, and
-    returns a dict with ``loss`` and other scalars worth logging. With several ranks it gathers what it
+    returns a dict with ``loss`` and other scalar tensors worth logging (each is averaged and logged). With several ranks it gathers what it
     must with gradients (``orchestrator.distributed.gather_with_grad``), so that 2 ranks x batch B equal
     1 rank x batch 2B. An optional ``after_step()`` runs after each optimizer step (clamps, EMA updates).
     """
@@ -83,8 +84,13 @@ def register_evaluators(register: Any) -> None:
 
     Built with its options, an evaluator has ``evaluate(ctx) -> dict[str, float]``, where ``ctx`` is an
     ``orchestrator.engine.evaluation.EvalContext`` (encoders, dataset, device, batched encode helpers).
-    Metric names are prefixed with the evaluator's name by the engine (``zs/top1``).
+    Metric names are prefixed with the evaluator's name by the engine (``zs/top1``). An optional
+    ``protocol() -> dict`` (k, temperature, templates, split...) is saved next to the results.
     """
+
+
+# Lifecycle hooks run in rank 0 of the training processes, and ``run_ended`` also in the worker (for
+# attempts whose processes died): an implementation finds its state for a run again by ``run.uid``.
 
 
 @hookspec

@@ -126,10 +126,10 @@ def resolve(kind: str, name: str, registry: Registry | None = None, /, **options
 
 def build(kind: str, name: str, registry: Registry | None = None, /, **options: Any) -> Any:
     """Build a component the way the engine does: resolve its options, then call it with them."""
-    from orchestrator.engine.compose import _build
+    from orchestrator.engine.compose import build_component
 
     registry = registry if registry is not None else Registry.load()
-    return _build(registry, kind, resolve(kind, name, registry, **options))
+    return build_component(registry, kind, resolve(kind, name, registry, **options))
 
 
 def _to_cli(value: Any) -> str:

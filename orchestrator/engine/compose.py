@@ -53,21 +53,21 @@ class RunModel(nn.Module):
 def build(registry: Registry, spec: dict[str, Any]) -> Composition:
     """Build every component with its resolved options. Seed first: all ranks then hold the same init."""
     torch.manual_seed(spec["trainer"]["seed"])
-    dataset = _build(registry, "dataset", spec["data"])
-    image_encoder = _build(registry, "encoder", spec["encoder"])
+    dataset = build_component(registry, "dataset", spec["data"])
+    image_encoder = build_component(registry, "encoder", spec["encoder"])
     shared = registry.get("encoder", spec["encoder"]["name"]).declared.get("modality") == "both"
-    text_encoder = _build(registry, "encoder", spec["text_encoder"]) if spec["text_encoder"] else None
+    text_encoder = build_component(registry, "encoder", spec["text_encoder"]) if spec["text_encoder"] else None
     if shared:
         text_encoder = image_encoder
     loss_component = registry.get("loss", spec["loss"]["name"])
-    loss = _build(registry, "loss", spec["loss"])
+    loss = build_component(registry, "loss", spec["loss"])
     model = RunModel(image_encoder, text_encoder, loss, set(loss_component.declared.get("needs", ())))
-    sampler = _build(registry, "sampler", spec["sampler"])
-    evaluators = [(e["name"], _build(registry, "evaluator", e)) for e in spec["eval"]]
+    sampler = build_component(registry, "sampler", spec["sampler"])
+    evaluators = [(e["name"], build_component(registry, "evaluator", e)) for e in spec["eval"]]
     return Composition(dataset, model, sampler, evaluators)
 
 
-def _build(registry: Registry, kind: str, entry: dict[str, Any]) -> Any:
+def build_component(registry: Registry, kind: str, entry: dict[str, Any]) -> Any:
     component = registry.get(kind, entry["name"])
     return component.build(_python_values(component, entry["options"]))
 
