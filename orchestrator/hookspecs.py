@@ -60,9 +60,10 @@ def register_losses(register: Any) -> None:
 
     Built with its options, a loss is an ``nn.Module`` (it may own parameters) whose
     ``forward(batch)`` takes a dict of embeddings (``image``, ``text``) and of ``label`` as needed, and
-    returns a dict with ``loss`` and other scalar tensors worth logging (each is averaged and logged). With several ranks it gathers what it
-    must with gradients (``orchestrator.distributed.gather_with_grad``), so that 2 ranks x batch B equal
-    1 rank x batch 2B. An optional ``after_step()`` runs after each optimizer step (clamps, EMA updates).
+    returns a dict with ``loss`` and other scalar tensors worth logging (each is averaged and logged).
+    With several ranks it gathers what it must with gradients (``orchestrator.distributed.gather_with_grad``),
+    so that 2 ranks x batch B equal 1 rank x batch 2B. An optional ``after_step()`` runs after each
+    optimizer step (clamps, EMA updates).
     """
 
 
