@@ -132,6 +132,8 @@ def serve(host: str, port: int, hosts: str | None = None, echo: Callable[[str], 
         raise UserError(f"port {port} on {host} is in use (is `orch ui` already running?): pass --port")
     url = f"http://{_url_host(host)}:{port}"
     echo(f"MLflow UI over {store.uri}" + (f" (artifacts {store.artifact_root})" if store.artifact_root else ""))
+    if store.uri.startswith("sqlite:///") and not Path(store.uri.removeprefix("sqlite:///")).exists():
+        echo("no runs tracked here yet (run orch in this folder, or set MLFLOW_TRACKING_URI): the UI starts empty")
     if host not in ("127.0.0.1", "localhost", "::1"):
         echo(f"warning: listening on {host}: anyone who can reach this machine can read and edit the runs")
     # Its own session: a Ctrl-C reaches the server once, through us, and we can stop all its processes.
