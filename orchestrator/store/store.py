@@ -77,10 +77,15 @@ class Store:
         return store
 
     def _migrate(self) -> None:
-        """Apply Alembic migrations; concurrent openers serialise on a lock so they run once."""
+        """Apply Alembic migrations; concurrent openers serialise on a lock so they run once. A store
+        migrated by a newer orch is refused: this code would misread it."""
         with self.engine.connect() as conn:
-            if self._revision(conn) == HEAD_REVISION:
-                return
+            revision = self._revision(conn)
+        if revision == HEAD_REVISION:
+            return
+        if revision is not None and not any((_MIGRATIONS / "versions").glob(f"{revision}_*.py")):
+            raise UserError(f"store {mask_url(self.url)} has schema revision {revision}, newer than this orch knows "
+                            f"({HEAD_REVISION}): upgrade orch on this machine (pip install -U orch)")
         from alembic import command
         from alembic.config import Config
 

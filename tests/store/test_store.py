@@ -160,3 +160,20 @@ def test_a_file_that_is_not_a_database(tmp_path: Path) -> None:
 
 def test_mask_url_hides_the_password() -> None:
     assert mask_url("postgresql://me:hunter2@db/x") == "postgresql://me:***@db/x"
+
+
+def test_a_store_from_a_newer_orch_is_refused_with_a_hint(sqlite_url: str) -> None:
+    store = Store.open(sqlite_url)
+    with store.engine.begin() as conn:
+        conn.exec_driver_sql("UPDATE alembic_version SET version_num = '9999'")
+    with pytest.raises(UserError, match="revision 9999, newer than this orch knows .*upgrade orch"):
+        Store.open(sqlite_url)
+
+
+def test_an_older_schema_is_migrated_on_open(sqlite_url: str) -> None:
+    store = Store.open(sqlite_url)
+    with store.engine.begin() as conn:  # an empty store made before any revision existed
+        for table in ("checkpoints", "metrics", "attempts", "runs", "alembic_version"):
+            conn.exec_driver_sql(f"DROP TABLE {table}")
+    reopened = Store.open(sqlite_url)
+    assert reopened.add_runs([_spec(1)]) == [1]
