@@ -101,3 +101,21 @@ def test_two_process_gloo_run_end_to_end(workdir: Path) -> None:
     checkpoint = Path(store.latest_checkpoint(1)["path"])
     assert (checkpoint / "rank0.pt").exists() and (checkpoint / "rank1.pt").exists()  # both ranks saved
     assert "zs/top1" in store.final_metrics(1)
+
+
+def test_queue_and_cancel_while_a_worker_runs(workdir: Path) -> None:
+    assert orch("queue", *SMALL, "--steps", "400", "--log-every", "5", cwd=workdir).returncode == 0
+    store = Store.open(f"sqlite:///{workdir}/experiments.db")
+    worker = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "worker", "--lease", "4", "--quiet"],
+                              cwd=workdir, stdout=subprocess.PIPE, text=True)
+    _wait(lambda: store.progress(1).get("step", 0) >= 5, 300, "run 1 to train")
+    assert orch("queue", *SMALL, "--steps", "2", cwd=workdir).returncode == 0  # queued while the worker is busy
+    cancelled = orch("cancel", "1", cwd=workdir)
+    assert "its worker stops it" in cancelled.stdout
+    out, _ = worker.communicate(timeout=300)
+    assert worker.returncode == 0
+    assert "run 1 cancelled" in out and "run 2 finished" in out
+    assert store.run(1)["status"] == "cancelled" and store.run(2)["status"] == "finished"
+    assert [a["outcome"] for a in store.attempts(1)] == ["cancelled"]
+    assert store.progress(1)["step"] < 400
+    assert not _training_processes(workdir / "runs" / "1")
