@@ -38,7 +38,6 @@ import argparse  # noqa: E402
 import contextlib  # noqa: E402
 import cProfile  # noqa: E402
 import io  # noqa: E402
-import math  # noqa: E402
 import os  # noqa: E402
 import pstats  # noqa: E402
 import time  # noqa: E402
@@ -46,22 +45,6 @@ from collections.abc import Callable  # noqa: E402
 from typing import Any  # noqa: E402
 
 from bench._common import free_port, header, median, table, write_json  # noqa: E402
-
-
-def ds_warmup_cosine(total: int, warmup: int) -> Callable[[int], float]:
-    """DeepSpeed's WarmupCosineLR (linear warmup, cos_min_ratio 0) as a LambdaLR factor."""
-    warmup = max(2, warmup)
-
-    def factor(epoch: int) -> float:
-        it = epoch - 1  # LambdaLR starts at 0 where DeepSpeed's scheduler starts at -1
-        if it < 0:
-            return 0.0
-        if it < warmup:
-            return it / warmup
-        progress = min(1.0, (it - warmup + 1) / max(1, total - warmup))
-        return max(0.0, (1 + math.cos(math.pi * progress)) / 2)
-
-    return factor
 
 
 def param_groups(model: Any, weight_decay: float) -> list[dict[str, Any]]:
@@ -74,12 +57,11 @@ class Steps:
     """The two steps, built from one resolved spec on one device."""
 
     def __init__(self, spec: dict[str, Any], registry: Any, device: Any) -> None:
-        import deepspeed
         import torch
 
         from orchestrator.engine.compose import build
-        from orchestrator.engine.dsconfig import deepspeed_config, effective_precision
-        from orchestrator.engine.train import _collate
+        from orchestrator.engine.dsconfig import effective_precision, warmup_cosine
+        from orchestrator.engine.train import _collate, make_engine
 
         trainer = spec["trainer"]
         self.device, self.trainer = device, trainer
@@ -92,12 +74,9 @@ class Steps:
         batch = _collate(samples, comp.model)
         self.batch = {k: v.to(device) for k, v in batch.items()}
 
-        # orch: as orchestrator/engine/train.py
+        # orch: the engine orchestrator/engine/train.py trains with
         self.orch_model = comp.model
-        optimizer = torch.optim.AdamW(param_groups(self.orch_model, trainer["weight_decay"]), lr=trainer["lr"],
-                                      betas=(0.9, 0.98), eps=1e-6, fused=fused)
-        config = deepspeed_config(trainer, 1, self.precision)
-        self.engine, _, _, _ = deepspeed.initialize(model=self.orch_model, optimizer=optimizer, config=config)
+        self.engine, _ = make_engine(self.orch_model, trainer, device, self.precision, world=1)
         self.interval: dict[str, Any] = {}
 
         # hand: the same components, built again from the same seed
@@ -105,9 +84,8 @@ class Steps:
         self.hand_params = [p for p in self.hand_model.parameters() if p.requires_grad]
         self.hand_opt = torch.optim.AdamW(param_groups(self.hand_model, trainer["weight_decay"]), lr=trainer["lr"],
                                           betas=(0.9, 0.98), eps=1e-6, fused=fused)
-        warmup = trainer["warmup"] if trainer["warmup"] is not None else trainer["steps"] // 10
         self.hand_sched = torch.optim.lr_scheduler.LambdaLR(self.hand_opt,
-                                                            ds_warmup_cosine(trainer["steps"], max(1, warmup)))
+                                                            warmup_cosine(trainer["warmup"], trainer["steps"]))
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
         self.autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else contextlib.nullcontext
         self.scaler = torch.amp.GradScaler(device.type) if self.precision == "fp16" else None
@@ -158,16 +136,13 @@ class Steps:
 
 
 def timed(steps: Steps, which: str, n: int) -> float:
-    """Seconds for ``n`` steps of ``which``: orch, hand, or the diagnostic orch-no-allreduce (the orch step
-    with DeepSpeed's data-parallel gradient allreduce switched off: a no-op reduction with one rank)."""
+    """Seconds for ``n`` steps of ``which``: orch or hand."""
     step = steps.hand_step if which == "hand" else steps.orch_step
-    steps.engine.enable_backward_allreduce = which != "orch-no-allreduce"
     steps.sync()
     began = time.perf_counter()
     for _ in range(n):
         step()
     steps.sync()
-    steps.engine.enable_backward_allreduce = True
     return time.perf_counter() - began
 
 
@@ -227,7 +202,7 @@ def measure(device_name: str, args: argparse.Namespace) -> dict[str, Any]:
     for _ in range(args.warmup - 1):
         steps.orch_step()
         steps.hand_step()
-    variants = ["orch", "hand"] + (["orch-no-allreduce"] if args.diagnose else [])
+    variants = ["orch", "hand"]
     rounds = []
     for r in range(args.rounds):
         order = variants if r % 2 == 0 else variants[::-1]
@@ -247,10 +222,6 @@ def measure(device_name: str, args: argparse.Namespace) -> dict[str, Any]:
         "rounds": rounds, "first_loss_orch": first_orch, "first_loss_hand": first_hand,
         "first_loss_bitwise_equal": first_orch == first_hand,
     }
-    if args.diagnose:
-        diag_s = sum(t["orch-no-allreduce"] for t in rounds)
-        result["orch_no_allreduce_steps_per_s"] = n / diag_s
-        result["orch_no_allreduce_ratio"] = hand_s / diag_s
     result["breakdown"] = {which: breakdown(steps, which, args.breakdown_steps) for which in ("orch", "hand")}
     if args.profile or result["ratio"] < args.target:
         result["profile"] = {which: profile(steps, which, args.profile_steps, args.profile_top)
@@ -275,9 +246,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=20, help="alternating timed rounds (default 20)")
     parser.add_argument("--steps-per-round", type=int, default=10, help="steps of each per round (default 10)")
     parser.add_argument("--breakdown-steps", type=int, default=10, help="steps of the per-phase pass (default 10)")
-    parser.add_argument("--no-diagnose", dest="diagnose", action="store_false",
-                        help="skip the diagnostic third variant (the orch step with DeepSpeed's gradient allreduce "
-                             "switched off, to show what that reduction costs with one rank)")
     parser.add_argument("--target", type=float, default=0.97, help="target ratio orch/hand (default 0.97)")
     parser.add_argument("--profile", action="store_true", help="always cProfile the steps (default: under target)")
     parser.add_argument("--profile-steps", type=int, default=20, help="steps profiled (default 20)")
@@ -301,12 +269,6 @@ def main(argv: list[str] | None = None) -> int:
                   r["hand_steps_per_s"], r["ratio"], r["median_round_ratio"], r["best_round_ratio"],
                   f">= {args.target}", "yes" if r["first_loss_bitwise_equal"] else
                   f"no ({r['first_loss_orch']!r} vs {r['first_loss_hand']!r})"] for r in results]))
-    if args.diagnose:
-        print("\ndiagnostic: the orch step with DeepSpeed's data-parallel gradient allreduce switched off "
-              "(engine.enable_backward_allreduce = False; a no-op with one rank), measured in the same rounds:")
-        print(table(["device", "orch-no-allreduce steps/s", "orch-no-allreduce/hand", "orch/hand"],
-                    [[r["device"], r["orch_no_allreduce_steps_per_s"], r["orch_no_allreduce_ratio"], r["ratio"]]
-                     for r in results]))
     for r in results:
         print(f"\nper-phase ms per step on {r['device']} (synchronised between phases; separate pass):")
         phases = list(r["breakdown"]["orch"])

@@ -65,9 +65,9 @@ class Worker:
     def reap(self) -> None:
         """Runs whose worker died go back to the queue (and resume from their last valid checkpoint)."""
         for lost in self.store.requeue_expired():
-            requeued = lost["status"] == "queued"
-            self.echo(f"run {lost['run_id']}: {lost['error']}; {'requeued' if requeued else 'failed'}")
-            status = "interrupted" if requeued else "failed"
+            then = {"queued": "requeued", "failed": "failed", "cancelled": "its cancel is complete"}[lost["status"]]
+            self.echo(f"run {lost['run_id']}: {lost['error']}; {then}")
+            status = {"queued": "interrupted", "failed": "failed", "cancelled": "cancelled"}[lost["status"]]
             self.registry.notify("run_ended", run=self._info(lost["run_id"], lost["attempt"]), status=status,
                                  error=lost["error"])
 
@@ -138,8 +138,10 @@ class Worker:
                 status = self.store.end_attempt(claim, "failed", error)
                 self.echo(f"run {run['id']} failed: {error}")
                 return status
-            if not held:
-                status = self.store.end_attempt(claim, "cancelled")  # raises Fenced when the lease was lost
+            if not held:  # the heartbeat was refused: cancelled by the user, or the lease was lost
+                if self.store.run(run["id"])["status"] != "cancelled":
+                    raise Fenced(f"run {run['id']} attempt {claim.attempt} lost its lease")
+                status = self.store.end_attempt(claim, "cancelled")
                 self.echo(f"run {run['id']} cancelled")
                 self.registry.notify("run_ended", run=info, status="cancelled", error="cancelled by the user")
                 return status

@@ -160,23 +160,27 @@ class Store:
         return Claim(row.id, row.attempt)
 
     def requeue_expired(self) -> list[dict[str, Any]]:
-        """Runs whose lease expired (their worker is gone): back to the queue, or failed when out of attempts."""
+        """Runs whose lease expired (their worker is gone): back to the queue, or failed when out of
+        attempts; a run cancelled while its worker was dying just has its attempt closed."""
         now = utcnow()
+        expired = (Run.lease_owner.is_not(None), Run.lease_expires_at < now)
+        out = []
         with self._write() as conn:
-            rows = conn.execute(select(Run.id, Run.attempt, Run.failures, Run.max_attempts)
-                                .where(Run.status == "running", Run.lease_expires_at < now)).all()
-            out = []
+            rows = conn.execute(select(Run.id, Run.attempt, Run.status, Run.failures, Run.max_attempts)
+                                .where(Run.status.in_(("running", "cancelled")), *expired)
+                                .with_for_update(skip_locked=True)).all()
             for r in rows:
                 exhausted = r.failures + 1 >= r.max_attempts
                 error = f"lease expired on attempt {r.attempt} (worker lost)"
-                status = "failed" if exhausted else "queued"
+                status = "cancelled" if r.status == "cancelled" else "failed" if exhausted else "queued"
+                values: dict[str, Any] = {"status": status, "lease_owner": None, "lease_expires_at": None}
+                if r.status == "running":
+                    values.update(failures=Run.failures + 1, error=error, finished_at=now if exhausted else None)
                 changed = conn.execute(update(Run).where(Run.id == r.id, Run.attempt == r.attempt,
-                                                         Run.status == "running")
-                                       .values(status=status, failures=Run.failures + 1, lease_owner=None,
-                                               lease_expires_at=None, error=error,
-                                               finished_at=now if exhausted else None)).rowcount
+                                                         Run.status == r.status, *expired).values(**values)).rowcount
                 if changed:
-                    self._end_attempt(conn, r.id, r.attempt, "interrupted", error)
+                    outcome = "cancelled" if r.status == "cancelled" else "interrupted"
+                    self._end_attempt(conn, r.id, r.attempt, outcome, error)
                     out.append({"run_id": r.id, "attempt": r.attempt, "status": status, "error": error})
         return out
 
@@ -249,12 +253,15 @@ class Store:
 
     def end_attempt(self, claim: Claim, outcome: str, error: str | None = None) -> str:
         """Close the attempt: ``finished``, ``failed`` (permanent), ``crashed`` (retried while attempts
-        remain) or ``cancelled``. Returns the run's new status."""
+        remain) or ``cancelled``. Returns the run's new status. Only the attempt that still holds the run
+        (running, or cancelled by the user while it ran) may close it: anything else is ``Fenced``."""
         now = utcnow()
+        held = (Run.id == claim.run_id, Run.attempt == claim.attempt, Run.status.in_(("running", "cancelled")),
+                Run.lease_owner.is_not(None))
         with self._write() as conn:
-            run = conn.execute(select(Run.status, Run.attempt, Run.failures, Run.max_attempts)
-                               .where(Run.id == claim.run_id)).one()
-            if run.attempt != claim.attempt:
+            run = conn.execute(select(Run.status, Run.failures, Run.max_attempts).where(*held)
+                               .with_for_update()).first()  # the row lock orders this with a requeue
+            if run is None:
                 raise Fenced(f"run {claim.run_id} attempt {claim.attempt} no longer holds the run")
             if run.status == "cancelled":
                 outcome = "cancelled"
@@ -262,8 +269,9 @@ class Store:
                 status = "failed" if run.failures + 1 >= run.max_attempts else "queued"
             else:
                 status = {"finished": "finished", "failed": "failed", "cancelled": "cancelled"}[outcome]
-            conn.execute(update(Run).where(Run.id == claim.run_id).values(
-                status=status, lease_owner=None, lease_expires_at=None, error=error,
+            conn.execute(update(Run).where(*held).values(
+                status=status, lease_owner=None, lease_expires_at=None,
+                error=Run.error if status == "cancelled" and error is None else error,  # keep the cancel reason
                 failures=Run.failures + (1 if outcome in ("crashed", "failed") else 0),
                 finished_at=None if status == "queued" else now))
             self._end_attempt(conn, claim.run_id, claim.attempt, outcome, error)

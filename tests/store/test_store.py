@@ -177,3 +177,31 @@ def test_an_older_schema_is_migrated_on_open(sqlite_url: str) -> None:
             conn.exec_driver_sql(f"DROP TABLE {table}")
     reopened = Store.open(sqlite_url)
     assert reopened.add_runs([_spec(1)]) == [1]
+
+
+@pytest.mark.parametrize("outcome", ["finished", "cancelled", "crashed", "failed"])
+def test_a_requeued_attempt_cannot_end_the_run(store_url: str, outcome: str) -> None:
+    """The old worker comes back after its run was requeued (and before anyone re-claimed it)."""
+    store = Store.open(store_url)
+    run_id = store.add_runs([_spec(1)])[0]
+    old = store.claim("stalled-worker", 0.2)
+    time.sleep(0.4)
+    assert store.requeue_expired()[0]["status"] == "queued"
+    with pytest.raises(Fenced):
+        store.end_attempt(old, outcome)
+    run = store.run(run_id)
+    assert (run["status"], run["failures"]) == ("queued", 1)
+    assert store.claim("live-worker", 60) == Claim(run_id, 2)
+
+
+def test_a_run_cancelled_while_its_worker_died_is_closed(store_url: str) -> None:
+    store = Store.open(store_url)
+    run_id = store.add_runs([_spec(1)])[0]
+    store.claim("dying-worker", 0.2)
+    store.cancel(run_id)
+    time.sleep(0.4)
+    assert [(x["run_id"], x["status"]) for x in store.requeue_expired()] == [(run_id, "cancelled")]
+    run = store.run(run_id)
+    assert run["status"] == "cancelled" and run["lease_owner"] is None and run["error"] == "cancelled by the user"
+    assert [a["outcome"] for a in store.attempts(run_id)] == ["cancelled"]
+    assert store.requeue_expired() == []
