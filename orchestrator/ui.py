@@ -138,7 +138,8 @@ def serve(host: str, port: int, hosts: str | None = None, echo: Callable[[str], 
         echo(f"warning: listening on {host}: anyone who can reach this machine can read and edit the runs")
     # Its own session: a Ctrl-C reaches the server once, through us, and we can stop all its processes.
     proc = subprocess.Popen(server_command(store, host, port, hosts), env=server_env(), start_new_session=True)
-    previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    # SIGINT too: a shell that starts us in the background without job control leaves it ignored.
+    previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
         if wait_until_up(url, START_TIMEOUT, alive=lambda: proc.poll() is None):
             echo(f"open {url}  (Ctrl-C stops it)")
