@@ -192,8 +192,9 @@ def ls(ctx: click.Context, statuses: tuple[str, ...], limit: int, as_json: bool)
     """List runs, newest first."""
     store = _store(ctx)
     runs = store.runs(statuses, limit)
+    metrics = store.final_metrics_of([r["id"] for r in runs])
     if as_json:
-        out = [{**_jsonable({k: v for k, v in r.items() if k != "spec"}), "metrics": store.final_metrics(r["id"])}
+        out = [{**_jsonable({k: v for k, v in r.items() if k != "spec"}), "metrics": metrics.get(r["id"], {})}
                for r in runs]
         click.echo(json.dumps(out, indent=2))
         return
@@ -201,7 +202,7 @@ def ls(ctx: click.Context, statuses: tuple[str, ...], limit: int, as_json: bool)
         click.echo("no runs yet: try `orch run` or `orch queue`")
         return
     _table(["id", "status", "name", "attempt", "result", "created", "hash"],
-           [[r["id"], r["status"], r["name"], r["attempt"], _headline(store.final_metrics(r["id"])),
+           [[r["id"], r["status"], r["name"], r["attempt"], _headline(metrics.get(r["id"], {})),
              _fmt_time(r["created_at"]), r["spec_hash"][:12]] for r in runs])
 
 

@@ -19,7 +19,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Connection, create_engine, delete, event, func, insert, select, text, update
+from sqlalchemy import Connection, and_, create_engine, delete, event, func, insert, select, text, update
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import ArgumentError, DatabaseError, NoSuchModuleError, OperationalError
 from sqlalchemy.orm import aliased
@@ -346,9 +346,18 @@ class Store:
 
     def final_metrics(self, run_id: int) -> dict[str, float]:
         """The last value of every metric."""
-        out: dict[str, float] = {}
-        for row in self.metrics(run_id):
-            out[row["name"]] = row["value"]
+        return self.final_metrics_of([run_id]).get(run_id, {})
+
+    def final_metrics_of(self, run_ids: list[int]) -> dict[int, dict[str, float]]:
+        """The last value of every metric of several runs, in one query (``orch ls``)."""
+        last = (select(Metric.run_id, Metric.name, func.max(Metric.step).label("step"))
+                .where(Metric.run_id.in_(run_ids)).group_by(Metric.run_id, Metric.name).subquery())
+        query = select(Metric.run_id, Metric.name, Metric.value).join(last, and_(
+            Metric.run_id == last.c.run_id, Metric.name == last.c.name, Metric.step == last.c.step))
+        out: dict[int, dict[str, float]] = {}
+        with self._read() as conn:
+            for row in conn.execute(query):
+                out.setdefault(row.run_id, {})[row.name] = row.value
         return out
 
 

@@ -205,3 +205,13 @@ def test_a_run_cancelled_while_its_worker_died_is_closed(store_url: str) -> None
     assert run["status"] == "cancelled" and run["lease_owner"] is None and run["error"] == "cancelled by the user"
     assert [a["outcome"] for a in store.attempts(run_id)] == ["cancelled"]
     assert store.requeue_expired() == []
+
+
+def test_final_metrics_of_several_runs_take_each_metrics_last_step(store_url: str) -> None:
+    store = Store.open(store_url)
+    store.add_runs([_spec(1), _spec(2), _spec(3)])
+    first, second = store.claim("w", 60), store.claim("w", 60)
+    store.log_metrics(first, [(10, "train/loss", 3.0), (20, "train/loss", 2.0), (20, "zs/top1", 50.0)])
+    store.log_metrics(second, [(5, "train/loss", 9.0), (7, "zs/top1", 11.0), (6, "zs/top1", 99.0)])
+    assert store.final_metrics_of([first.run_id, second.run_id, 3]) == {
+        first.run_id: {"train/loss": 2.0, "zs/top1": 50.0}, second.run_id: {"train/loss": 9.0, "zs/top1": 11.0}}
