@@ -154,11 +154,13 @@ def fence_probes(url: str) -> list[dict[str, Any]]:
     state = f"run {run['status']} (attempt {run['attempt']}), attempts {attempt_outcomes(other, run_id)}"
     if new is not None:
         state += f"; new attempt's heartbeat {'renewed' if other.heartbeat(new, 60) else 'fenced'}"
-    ok = (result["old"] == "fenced" and run["status"] == "running") if interleaved else \
-        (result["old"].startswith("accepted") and run["status"] == "finished" and new is None)
+    fenced = result["old"] == "fenced" and run["status"] == "running"
+    serialised = result["old"].startswith("accepted") and run["status"] == "finished" and new is None
+    ok = fenced or serialised  # never both: a finished run with a live new attempt is the failure
     out.append({"probe": "end_attempt(finished) whose read passed the fence, racing a requeue + re-claim",
-                "expected": "old attempt fenced, new attempt keeps the run running" if interleaved else
-                            "serialised (requeue waited): old attempt finishes, nothing to re-claim",
+                "expected": "either the old attempt is fenced and the new one keeps the run, or the requeue waits "
+                            "for (SQLite) or skips (PostgreSQL row lock) the run the old attempt holds and the old "
+                            "attempt finishes it; never a finished run with a live new attempt",
                 "observed": f"requeue+claim {'ran in between' if interleaved else 'waited'}; old end_attempt "
                             f"{result['old']}; {state}", "ok": ok})
     old.engine.dispose()
