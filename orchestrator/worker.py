@@ -18,11 +18,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy.exc import DBAPIError
+
 from orchestrator.engine.checkpoint import verify
 from orchestrator.errors import UserError
 from orchestrator.registry import Registry
 from orchestrator.runinfo import RunInfo
-from orchestrator.store import Claim, Fenced, Store
+from orchestrator.store import STORE_ENV, Claim, Fenced, Store
 
 RUNS_DIR_ENV = "ORCH_RUNS_DIR"
 
@@ -85,11 +87,10 @@ class Worker:
 
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                    f"--nproc-per-node={run['spec']['trainer']['gpus']}",
-                   "-m", "orchestrator.engine.train", "--run-dir", str(run_dir), "--store", self.store.url,
-                   "--attempt", str(claim.attempt)]
+                   "-m", "orchestrator.engine.train", "--run-dir", str(run_dir), "--attempt", str(claim.attempt)]
         if checkpoint:
             command += ["--resume-tag", Path(checkpoint["path"]).name]
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", STORE_ENV: self.store.url}  # not argv: ps shows argv
         with open(log_path, "ab") as log:
             proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env,
                                     preexec_fn=_die_with_parent, cwd=os.getcwd())
@@ -114,13 +115,16 @@ class Worker:
         with _ProgressBar(run["spec"]["trainer"]["steps"], enabled=not self.quiet) as bar:
             while proc.poll() is None:
                 time.sleep(0.5)
-                if time.monotonic() - last_beat >= beat:
-                    last_beat = time.monotonic()
-                    if not self.store.heartbeat(claim, self.lease):
-                        _stop(proc)
-                        return False
-                if bar.enabled:
-                    bar.update(self.store.progress(run["id"]))
+                try:
+                    if time.monotonic() - last_beat >= beat:
+                        last_beat = time.monotonic()
+                        if not self.store.heartbeat(claim, self.lease):
+                            _stop(proc)
+                            return False
+                    if bar.enabled:
+                        bar.update(self.store.progress(run["id"]))
+                except DBAPIError as exc:  # the store is briefly unreachable: the lease covers a few beats
+                    self.echo(f"run {run['id']}: store unreachable ({type(exc.orig).__name__}); retrying")
         return True
 
     def _finish(self, code: int, held: bool, claim: Claim, run: dict[str, Any], log_path: Path) -> str:

@@ -50,7 +50,6 @@ class NonFiniteLoss(Exception):
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m orchestrator.engine.train")
     parser.add_argument("--run-dir", type=Path, required=True)
-    parser.add_argument("--store", required=True)
     parser.add_argument("--attempt", type=int, required=True)
     parser.add_argument("--resume-tag", default=None)
     args = parser.parse_args(argv)
@@ -63,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     registry = Registry.load()
     run = RunInfo(meta["id"], meta["uid"], meta["name"], spec, meta["spec_hash"], args.attempt, args.run_dir)
     try:
-        store = Store.open(args.store) if rank == 0 else None
+        store = Store.open() if rank == 0 else None  # ORCH_STORE, set by the worker (not argv: ps shows it)
         train(spec, registry, run, store, claim, args.resume_tag)
         return 0
     except Fenced as exc:
