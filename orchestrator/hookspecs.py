@@ -44,13 +44,22 @@ def register_datasets(register: Any) -> None:
 
 @hookspec
 def register_encoders(register: Any) -> None:
-    """Register encoders: ``register(name, component, modality="image" | "text" | "both")``.
+    """Register encoders: ``register(name, component, modality="image" | "text" | "both", tokens=False)``.
 
     Built with its options, an encoder is an ``nn.Module`` whose ``forward`` returns embeddings
     ``[B, embed_dim]`` (not normalised; ``embed_dim`` is an option and an attribute). An image encoder
     has ``transform`` (applied to each image tensor; picklable, for data-loading workers); a text encoder
     has ``tokenize(list[str]) -> LongTensor``.
     An encoder of modality ``both`` has both and takes ``forward(x, modality=...)``.
+
+    Optional, each used by the engine when present:
+
+    - ``tokens=True`` declares ``forward_tokens(x) -> (tokens [B, T, embed_dim], mask [B, T] bool)``: the
+      projected per-token features (mask True on real tokens), for token-wise losses (FILIP).
+    - ``nested_dims`` (a tuple of widths, Matryoshka; Kusupati et al. 2022): the loss is computed on each
+      prefix ``[..., :d]`` of the embeddings and averaged.
+    - ``set_grad_checkpointing(enabled: bool)``: recompute activations in the backward pass
+      (``--activation-checkpointing``).
     """
 
 
@@ -64,6 +73,20 @@ def register_losses(register: Any) -> None:
     With several ranks it gathers what it must with gradients (``orchestrator.distributed.gather_with_grad``),
     so that 2 ranks x batch B equal 1 rank x batch 2B. An optional ``after_step()`` runs after each
     optimizer step (clamps, EMA updates).
+
+    A loss that learns from augmented views of each image declares ``needs={"views"}`` (plus ``label``
+    if it uses labels) and has ``views``: a list of picklable callables, each mapping a raw image
+    (C x H x W floats in [0, 1]) to one augmented view; the encoder's ``transform`` is applied after it.
+    Its batch then holds ``views`` (V embedding tensors ``[B, D]``, row i of each is sample i) and
+    ``view_inputs`` (the V encoder inputs, for teachers). The augmentation of a sample is a function
+    of (seed, epoch, sample index, view): the same on every rank and worker count, and on resume.
+    A loss that needs the image tower (momentum encoders, EMA teachers) has ``bind(encoder)``, called
+    once before training: it keeps the encoder without registering it as a submodule
+    (``self.__dict__["student"] = encoder``) and deep-copies it as a frozen submodule, which is then
+    checkpointed and resumed with the rest of the loss. Queues, centres and prototypes are buffers or
+    parameters of the loss, so they are checkpointed too.
+    A token-wise loss declares ``needs={"image-tokens", "text-tokens"}``; its batch holds
+    ``image_tokens``/``image_mask`` and ``text_tokens``/``text_mask`` from the encoders' ``forward_tokens``.
     """
 
 
@@ -76,6 +99,13 @@ def register_samplers(register: Any) -> None:
     (seed, epoch); the engine shards each global batch across ranks (a batch shorter than ``batch_size``
     cannot be sharded evenly and is skipped). ``state_dict()`` and
     ``load_state_dict(state)`` carry whatever else it needs to resume.
+
+    Optional: ``setup(split)`` is called once with the train split before the first epoch (to read its
+    ``labels`` or ``captions``). A sampler with ``refresh_every`` (steps, > 0) gets
+    ``refresh(embeddings)`` before the first epoch and then every ``refresh_every`` steps: the
+    L2-normalised image embeddings of the whole train split under the current encoder (float32
+    ``[N, D]`` on the CPU, the same on every rank). The engine then asks for the current epoch's batches
+    again and continues at the same position, so ``state_dict`` must hold what ``refresh`` derived.
     """
 
 

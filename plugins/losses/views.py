@@ -1,0 +1,94 @@
+"""Augmented views for image-image losses, built from torchvision.transforms.v2.
+
+``simclr_views`` is the SimCLR composition (Chen et al. 2020, "A Simple Framework for Contrastive
+Learning of Visual Representations", appendix A): random resized crop, horizontal flip, colour jitter
+(p=0.8), random grayscale (p=0.2) and Gaussian blur (kernel 10% of the side). ``multicrop_views`` is
+SwAV's multi-crop (Caron et al. 2020): a few global crops plus small local crops at a lower resolution.
+
+A view maps a raw image (C x H x W floats in [0, 1]) to an augmented raw image; sizes are relative to the
+input, so the same recipe serves 28-pixel digits and 224-pixel photographs. Every transform here is a
+picklable object, for data-loading workers.
+"""
+
+from __future__ import annotations
+
+import torch
+from torchvision.transforms import v2
+
+
+class ResizedCrop:
+    """A random resized crop (area ``scale``, aspect ``ratio``) resized to ``fraction`` of the input side."""
+
+    def __init__(self, scale: tuple[float, float], fraction: float = 1.0,
+                 ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> None:
+        self.scale, self.fraction, self.ratio = tuple(scale), fraction, tuple(ratio)
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        h, w = image.shape[-2:]
+        size = (max(1, round(h * self.fraction)), max(1, round(w * self.fraction)))
+        return v2.RandomResizedCrop(size, scale=self.scale, ratio=self.ratio, antialias=True)(image)
+
+    def __repr__(self) -> str:
+        return f"ResizedCrop(scale={self.scale}, fraction={self.fraction})"
+
+
+class Blur:
+    """Gaussian blur with a kernel of 10% of the image side (odd, at least 3) and sigma in [0.1, 2.0]."""
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        kernel = max(3, int(0.1 * min(image.shape[-2:])) // 2 * 2 + 1)
+        return v2.GaussianBlur(kernel, sigma=(0.1, 2.0))(image)
+
+    def __repr__(self) -> str:
+        return "Blur()"
+
+
+class Grayscale:
+    """SimCLR's random grayscale; a 1-channel image is already gray and passes through."""
+
+    def __init__(self, p: float) -> None:
+        self.p = p
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        if image.shape[-3] != 3 or torch.rand(()) >= self.p:
+            return image
+        return v2.functional.rgb_to_grayscale(image, num_output_channels=3)
+
+    def __repr__(self) -> str:
+        return f"Grayscale(p={self.p})"
+
+
+def augment(scale: tuple[float, float], fraction: float = 1.0, flip: bool = True, color: float = 1.0,
+            blur: float = 0.5) -> v2.Compose:
+    """One SimCLR-style view: crop, flip, jitter (strength ``color``; 0 turns it off), gray, blur (prob)."""
+    steps: list = [ResizedCrop(scale, fraction)]
+    if flip:
+        steps.append(v2.RandomHorizontalFlip())
+    if color > 0:
+        s = color
+        steps.append(v2.RandomApply([v2.ColorJitter(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s)], p=0.8))
+        steps.append(Grayscale(p=0.2))
+    if blur > 0:
+        steps.append(v2.RandomApply([Blur()], p=blur))
+    return v2.Compose(steps)
+
+
+def simclr_views(n: int = 2, crop_scale: tuple[float, float] = (0.08, 1.0), flip: bool = True,
+                 color: float = 1.0, blur: float = 0.5) -> list[v2.Compose]:
+    """``n`` views, each the SimCLR augmentation (Chen et al. 2020, appendix A)."""
+    if n < 1:
+        raise ValueError(f"need at least one view, not {n}")
+    return [augment(crop_scale, 1.0, flip, color, blur) for _ in range(n)]
+
+
+def multicrop_views(global_crops: int = 2, local_crops: int = 6,
+                    global_scale: tuple[float, float] = (0.4, 1.0), local_scale: tuple[float, float] = (0.05, 0.4),
+                    local_fraction: float = 96 / 224, flip: bool = True, color: float = 1.0,
+                    blur: float = 0.5) -> list[v2.Compose]:
+    """SwAV/DINO multi-crop (Caron et al. 2020; 2021): global crops first, then local crops at
+    ``local_fraction`` of the side (96/224 in the papers). The encoder's transform resizes every view
+    to its input size, so a local crop costs as much compute as a global one here."""
+    if global_crops < 1 or local_crops < 0:
+        raise ValueError("need at least one global crop and a non-negative number of local crops")
+    return ([augment(global_scale, 1.0, flip, color, blur) for _ in range(global_crops)]
+            + [augment(local_scale, local_fraction, flip, color, blur) for _ in range(local_crops)])
