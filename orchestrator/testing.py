@@ -237,6 +237,35 @@ def _loss_batch(needs: set[str], n: int, dim: int, seed: int, classes: int = 3) 
     return batch
 
 
+def _view_tower(loss: Any, dim: int, seed: int) -> Any:
+    """A tiny image tower (1 x 4 x 4 -> ``dim``) for a views loss, seeded, bound to the loss as the engine does."""
+    import torch
+    from torch import nn
+
+    torch.manual_seed(seed)
+    tower = nn.Sequential(nn.Flatten(), nn.Linear(16, dim))
+    if hasattr(loss, "bind"):
+        loss.bind(tower)
+    return tower
+
+
+def _view_inputs(loss: Any, n: int, seed: int) -> list[Any]:
+    import torch
+
+    assert getattr(loss, "views", None), "a loss that needs views has a non-empty list `views` of augmentations"
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(n, 1, 4, 4, generator=g) for _ in loss.views]
+
+
+def _embed_views(batch: dict[str, Any], tower: Any, inputs: list[Any]) -> list[Any]:
+    """Fill ``views`` and ``view_inputs`` as the engine does; returns the view embeddings (grads retained)."""
+    views = [tower(x) for x in inputs]
+    for v in views:
+        v.retain_grad()
+    batch["views"], batch["view_inputs"] = views, inputs
+    return views
+
+
 def check_loss(loss: Any, needs: Collection[str], n: int = 8, dim: int = 16) -> None:
     """An ``nn.Module`` whose ``forward`` on random embeddings of what it ``needs`` returns a dict of finite
     scalar tensors with ``loss``, through which gradients reach the embeddings; ``after_step()`` runs."""
@@ -245,11 +274,13 @@ def check_loss(loss: Any, needs: Collection[str], n: int = 8, dim: int = 16) -> 
 
     needs = set(needs)
     assert isinstance(loss, nn.Module), "a loss is an nn.Module"
-    assert needs & {"image", "text"}, "declare needs= with image and/or text (and label if it uses labels)"
+    assert needs & {"image", "text", "views"}, "declare needs= with image, text or views (and label if it uses labels)"
     batch = _loss_batch(needs, n, dim, seed=0)
     for key in ("image", "text"):
         if key in batch:
             batch[key].requires_grad_(True)
+    views = _embed_views(batch, _view_tower(loss, dim, seed=0), _view_inputs(loss, n, seed=0)) \
+        if "views" in needs else []
     out = loss(batch)
     assert isinstance(out, dict) and "loss" in out, "forward returns a dict with 'loss'"
     for key, value in out.items():
@@ -259,6 +290,8 @@ def check_loss(loss: Any, needs: Collection[str], n: int = 8, dim: int = 16) -> 
     for key in ("image", "text"):
         if key in batch:
             assert batch[key].grad is not None, f"the loss does not depend on the {key} embeddings"
+    if views:
+        assert any(v.grad is not None for v in views), "the loss does not depend on the view embeddings"
     if hasattr(loss, "after_step"):
         loss.after_step()
 
@@ -409,7 +442,9 @@ def check_loss_distributed(name: str, *modules: str, world_size: int = 2, n: int
     registration modules; none: the installed entry points) with ``options``. Compared with one process
     on the whole batch: the mean over ranks of the loss, the gradient of each rank's embeddings (the
     all-gather's backward sums over ranks, so divided by ``world_size``) and the parameter gradients
-    averaged over ranks (as DeepSpeed averages them). Takes a few seconds: it spawns the ranks.
+    averaged over ranks (as DeepSpeed averages them). A loss that needs views gets a tiny image tower
+    (bound with ``bind`` when the loss has it), and that tower's gradients are compared too. Takes a few
+    seconds: it spawns the ranks.
     """
     import torch
     import torch.multiprocessing as mp
@@ -433,6 +468,8 @@ def check_loss_distributed(name: str, *modules: str, world_size: int = 2, n: int
 
 def _loss_grads(name: str, modules: Sequence[str], options: dict[str, Any], n: int, dim: int,
                 shard: tuple[int, int] | None) -> dict[str, Any]:
+    """Loss, and gradients of its inputs and parameters, on the whole batch or on this rank's shard of it.
+    A views loss gets a tiny bound image tower (its parameters' gradients are compared too)."""
     import torch
 
     registry = plugin_registry(*modules) if modules else Registry.load()
@@ -440,18 +477,28 @@ def _loss_grads(name: str, modules: Sequence[str], options: dict[str, Any], n: i
     torch.manual_seed(0)
     loss = build("loss", name, registry, **options)
     batch = _loss_batch(needs, n, dim, seed=1)
+    tower = _view_tower(loss, dim, seed=2) if "views" in needs else None
+    inputs = _view_inputs(loss, n, seed=3) if tower is not None else []
+    start, stop = 0, n
     if shard is not None:
         rank, world = shard
-        per = n // world
-        batch = {k: v[rank * per:(rank + 1) * per] for k, v in batch.items()}
+        start, stop = rank * (n // world), (rank + 1) * (n // world)
+        batch = {k: v[start:stop] for k, v in batch.items()}
+        inputs = [x[start:stop] for x in inputs]
     for key in ("image", "text"):
         if key in batch:
             batch[key].requires_grad_(True)
+    views = _embed_views(batch, tower, inputs) if tower is not None else []
     out = loss(batch)
     out["loss"].backward()
-    return {"loss": float(out["loss"].detach()),
-            "inputs": {k: batch[k].grad.detach().clone() for k in ("image", "text") if k in batch},
-            "params": {k: p.grad.detach().clone() for k, p in loss.named_parameters() if p.grad is not None}}
+    grads = {k: batch[k].grad.detach().clone() for k in ("image", "text") if k in batch}
+    grads.update({f"view {i}": v.grad.detach().clone() if v.grad is not None else torch.zeros_like(v)
+                  for i, v in enumerate(views)})
+    params = dict(loss.named_parameters())
+    if tower is not None:
+        params.update({f"tower.{k}": p for k, p in tower.named_parameters()})
+    return {"loss": float(out["loss"].detach()), "inputs": grads,
+            "params": {k: p.grad.detach().clone() for k, p in params.items() if p.grad is not None}}
 
 
 def _loss_rank(rank: int, world: int, tmp: str, name: str, modules: Sequence[str], options: dict[str, Any],
