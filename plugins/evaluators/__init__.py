@@ -52,5 +52,6 @@ def _imagenet_root(options: dict[str, Any]) -> dict[str, Any]:
 @hookimpl
 def register_evaluators(register: Any) -> None:
     register("zs", "plugins.evaluators.zs:ZeroShot", needs={"label", "text-tower"})
+    register("knn", "plugins.evaluators.knn:KNN", needs={"label"})
     register("imagenet-zs", "plugins.evaluators.imagenet_zs:ImageNetZeroShot", needs={"text-tower"},
              resolve=_imagenet_root)
