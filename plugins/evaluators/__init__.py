@@ -1,4 +1,4 @@
-"""Built-in evaluators: zero-shot classification on the run's dataset and on ImageNet."""
+"""Built-in evaluators: zero-shot (the run's dataset, ImageNet), kNN, linear and few-shot probes, retrieval."""
 
 from __future__ import annotations
 
@@ -53,5 +53,8 @@ def _imagenet_root(options: dict[str, Any]) -> dict[str, Any]:
 def register_evaluators(register: Any) -> None:
     register("zs", "plugins.evaluators.zs:ZeroShot", needs={"label", "text-tower"})
     register("knn", "plugins.evaluators.knn:KNN", needs={"label"})
+    register("linear-probe", "plugins.evaluators.linear_probe:LinearProbe", needs={"label"})
+    register("few-shot", "plugins.evaluators.few_shot:FewShot", needs={"label"})
+    register("retrieval", "plugins.evaluators.retrieval:Retrieval", needs={"text", "text-tower"})
     register("imagenet-zs", "plugins.evaluators.imagenet_zs:ImageNetZeroShot", needs={"text-tower"},
              resolve=_imagenet_root)
