@@ -1,4 +1,4 @@
-"""Built-in samplers."""
+"""Built-in samplers: random, class-aware (class-balanced, unique-class), embedding-aware and curation ones."""
 
 from orchestrator import hookimpl
 
@@ -6,3 +6,5 @@ from orchestrator import hookimpl
 @hookimpl
 def register_samplers(register):
     register("random", "plugins.samplers.random:RandomSampler", needs=set())
+    register("class-balanced", "plugins.samplers.class_balanced:ClassBalancedSampler", needs={"label"})
+    register("unique-class", "plugins.samplers.unique_class:UniqueClassSampler", needs={"label"})
