@@ -8,3 +8,4 @@ def register_samplers(register):
     register("random", "plugins.samplers.random:RandomSampler", needs=set())
     register("class-balanced", "plugins.samplers.class_balanced:ClassBalancedSampler", needs={"label"})
     register("unique-class", "plugins.samplers.unique_class:UniqueClassSampler", needs={"label"})
+    register("hard-negative", "plugins.samplers.hard_negative:HardNegativeSampler", needs=set())
