@@ -9,3 +9,4 @@ def register_samplers(register):
     register("class-balanced", "plugins.samplers.class_balanced:ClassBalancedSampler", needs={"label"})
     register("unique-class", "plugins.samplers.unique_class:UniqueClassSampler", needs={"label"})
     register("hard-negative", "plugins.samplers.hard_negative:HardNegativeSampler", needs=set())
+    register("metadata-balance", "plugins.samplers.metadata_balance:MetadataBalanceSampler", needs={"text"})
