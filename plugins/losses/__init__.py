@@ -6,3 +6,4 @@ from orchestrator import hookimpl
 @hookimpl
 def register_losses(register):
     register("infonce", "plugins.losses.infonce:InfoNCE", needs={"image", "text"})
+    register("ntxent", "plugins.losses.ntxent:NTXent", needs={"views"})
