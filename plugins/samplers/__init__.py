@@ -10,3 +10,4 @@ def register_samplers(register):
     register("unique-class", "plugins.samplers.unique_class:UniqueClassSampler", needs={"label"})
     register("hard-negative", "plugins.samplers.hard_negative:HardNegativeSampler", needs=set())
     register("metadata-balance", "plugins.samplers.metadata_balance:MetadataBalanceSampler", needs={"text"})
+    register("semantic-prune", "plugins.samplers.semantic_prune:SemanticPruneSampler", needs=set())
