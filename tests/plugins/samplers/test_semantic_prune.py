@@ -6,8 +6,9 @@ import torch
 import torch.nn.functional as F
 from engine_shards import assert_ranks_disjoint, assert_resumes
 
+from orchestrator.errors import UserError
 from orchestrator.registry import Registry
-from orchestrator.testing import assert_light, check_sampler
+from orchestrator.testing import assert_light, check_sampler, resolve
 from plugins.samplers.random import RandomSampler
 from plugins.samplers.semantic_prune import ONCE, SemanticPruneSampler, cluster_quotas
 
@@ -97,12 +98,16 @@ def test_precomputed_embeddings(tmp_path, suffix):
     assert sampler.refresh_every == 0  # the engine never refreshes it
     batches = sampler.batches(400, None, 10, seed=0, epoch=0)
     assert sampler.kept == pruned(points).kept and len(batches) == 20
+    resolved = resolve("sampler", "semantic-prune", Registry.load(), embeddings=path)["options"]["embeddings"]
+    assert resolved == str(path.absolute())
     with pytest.raises(ValueError, match="want \\[300, D\\]"):
         SemanticPruneSampler(embeddings=path).batches(300, None, 10, 0, 0)
 
 
-def test_registration():
+def test_registration(tmp_path):
     assert_light("plugins.samplers")
+    with pytest.raises(UserError, match="not a .npy or .pt file"):
+        resolve("sampler", "semantic-prune", Registry.load(), embeddings=tmp_path / "missing.npy")
     component = Registry.load().get("sampler", "semantic-prune")
     assert component.declared == {"needs": set()}
     assert [(o.name, o.default) for o in component.options] == [
