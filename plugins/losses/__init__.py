@@ -7,3 +7,4 @@ from orchestrator import hookimpl
 def register_losses(register):
     register("infonce", "plugins.losses.infonce:InfoNCE", needs={"image", "text"})
     register("ntxent", "plugins.losses.ntxent:NTXent", needs={"views"})
+    register("supcon", "plugins.losses.supcon:SupCon", needs={"views", "label"})
