@@ -8,3 +8,5 @@ def register_losses(register):
     register("infonce", "plugins.losses.infonce:InfoNCE", needs={"image", "text"})
     register("ntxent", "plugins.losses.ntxent:NTXent", needs={"views"})
     register("supcon", "plugins.losses.supcon:SupCon", needs={"views", "label"})
+    register("dcl", "plugins.losses.dcl:DCL", needs={"views"})
+    register("dclw", "plugins.losses.dcl:DCLW", needs={"views"})
