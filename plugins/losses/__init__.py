@@ -10,3 +10,4 @@ def register_losses(register):
     register("supcon", "plugins.losses.supcon:SupCon", needs={"views", "label"})
     register("dcl", "plugins.losses.dcl:DCL", needs={"views"})
     register("dclw", "plugins.losses.dcl:DCLW", needs={"views"})
+    register("align-uniform", "plugins.losses.align_uniform:AlignUniform", needs={"views"})
