@@ -11,3 +11,4 @@ def register_losses(register):
     register("dcl", "plugins.losses.dcl:DCL", needs={"views"})
     register("dclw", "plugins.losses.dcl:DCLW", needs={"views"})
     register("align-uniform", "plugins.losses.align_uniform:AlignUniform", needs={"views"})
+    register("barlow-twins", "plugins.losses.barlow_twins:BarlowTwins", needs={"views"})
