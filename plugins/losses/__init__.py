@@ -12,3 +12,4 @@ def register_losses(register):
     register("dclw", "plugins.losses.dcl:DCLW", needs={"views"})
     register("align-uniform", "plugins.losses.align_uniform:AlignUniform", needs={"views"})
     register("barlow-twins", "plugins.losses.barlow_twins:BarlowTwins", needs={"views"})
+    register("vicreg", "plugins.losses.vicreg:VICReg", needs={"views"})
