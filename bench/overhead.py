@@ -70,8 +70,8 @@ class Steps:
         fused = device.type == "cuda"
 
         comp = build(registry, spec)
-        samples = [comp.dataset.train[i] for i in range(trainer["batch_size"])]
-        batch = _collate(samples, comp.model)
+        samples = [(i, comp.dataset.train[i]) for i in range(trainer["batch_size"])]
+        batch = _collate(samples, comp.model, seed=trainer["seed"], epoch=0)
         self.batch = {k: v.to(device) for k, v in batch.items()}
 
         # orch: the engine orchestrator/engine/train.py trains with

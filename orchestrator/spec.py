@@ -33,6 +33,13 @@ DEFAULTS = {"data": "mnist", "encoder": "vit", "text_encoder": "text-transformer
             "sampler": "random"}
 DEFAULT_EVALS = {True: ["zs"], False: ["knn"]}  # with and without a text tower
 DATA_FIELDS = {"image", "text", "label"}
+# What a loss may need beyond the data fields, and the data field each one is made from.
+DERIVED_NEEDS = {"views": "image", "image-tokens": "image", "text-tokens": "text"}
+
+
+def data_needs(needs: set[str]) -> set[str]:
+    """The dataset fields behind a component's ``needs`` (views are made from images, tokens from both)."""
+    return {DERIVED_NEEDS.get(n, n) for n in needs} & DATA_FIELDS
 MAX_CHOICE_LENGTH = 4096
 
 
@@ -44,7 +51,7 @@ def trainer(
     warmup: int | None = None,
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto",
     zero: Literal[0, 1, 2, 3] = 0,
-    gpus: int = 1,
+    gpus: int | Literal["all"] = 1,
     accum: int = 1,
     grad_clip: float = 1.0,
     seed: int = 0,
@@ -52,15 +59,25 @@ def trainer(
     eval_every: int = 0,
     log_every: int = 10,
     workers: int = 0,
+    grad_cache: int = 0,
+    prefetch: int = 2,
+    activation_checkpointing: bool = False,
+    compile: bool = False,
 ) -> None:
     """Trainer settings: every one is a command-line flag (``--batch-size``) with this default.
 
     ``batch_size`` is the global batch (all ranks, all accumulation steps), as papers report it.
-    ``gpus`` is the number of training processes: one per GPU, or gloo processes on a CPU-only machine.
+    ``gpus`` is the number of training processes: one per GPU, or gloo processes on a CPU-only machine;
+    ``all`` takes every GPU of the worker that runs it (``orch worker --gpus``), decided at launch.
     ``precision=auto`` trains in bf16 on GPUs that support it and in fp32 on the CPU.
     ``warmup`` (linear, then cosine decay to 0) defaults to a tenth of ``steps``.
-    ``workers`` is the number of data-loading processes per rank (0 loads in the training process).
+    ``workers`` is the number of data-loading processes per rank (0 loads in the training process); they live
+    for the whole attempt, each keeping ``prefetch`` micro-batches ready.
+    ``activation_checkpointing`` recomputes the encoders' activations in the backward pass (less memory, about
+    a third more compute); ``compile`` runs the encoders' forward through ``torch.compile``.
     ``eval_every=0`` evaluates at the end only; ``checkpoint_every=0`` checkpoints at the end only.
+    ``grad_cache`` (samples, 0 = off) encodes each micro-batch in chunks of that many samples and caches the
+    embedding gradients (GradCache, Gao et al. 2021): the same step with the activation memory of one chunk.
     """
 
 
@@ -205,6 +222,8 @@ def _parse(tp: Any, raw: str) -> Any:
 def _expected(tp: Any) -> str:
     if typing.get_origin(tp) is Literal:
         return "one of " + ", ".join(map(str, typing.get_args(tp)))
+    if typing.get_origin(tp) in (typing.Union, UnionType):
+        return " or ".join(_expected(a) for a in typing.get_args(tp) if a is not NoneType)
     names = {bool: "true or false", int: "an integer", float: "a number", Path: "a path", str: "a string"}
     return names.get(tp, f"a {getattr(tp, '__name__', str(tp))}")
 
@@ -249,21 +268,24 @@ def resolve_trainer(raw: dict[str, str]) -> dict[str, Any]:
     for key, value in raw.items():
         option = next(o for o in TRAINER_OPTIONS if o.name == key)
         values[key] = parse_value(option, value, f"--{key.replace('_', '-')}")
-    for key in ("steps", "batch_size", "gpus", "accum"):
-        if values[key] < 1:
+    for key in ("steps", "batch_size", "gpus", "accum", "prefetch"):
+        if values[key] != "all" and values[key] < 1:
             raise UserError(f"--{key.replace('_', '-')} must be at least 1, got {values[key]}")
     if values["warmup"] is None:
         values["warmup"] = values["steps"] // 10
     elif values["warmup"] >= values["steps"]:
         raise UserError(f"--warmup {values['warmup']} must be smaller than --steps {values['steps']}")
-    for key in ("checkpoint_every", "eval_every", "warmup", "seed", "workers"):
+    for key in ("checkpoint_every", "eval_every", "warmup", "seed", "workers", "grad_cache"):
         if values[key] < 0:
             raise UserError(f"--{key.replace('_', '-')} must be 0 or more, got {values[key]}")
+    if values["grad_cache"] and values["zero"] == 3:
+        raise UserError("--grad-cache works with --zero 0, 1 or 2 (ZeRO-3 partitions the parameters outside "
+                        "forwards): lower --zero or drop --grad-cache")
     if values["lr"] <= 0:
         raise UserError(f"--lr must be positive, got {values['lr']}")
     if values["log_every"] < 1:
         raise UserError(f"--log-every must be at least 1, got {values['log_every']}")
-    per_step = values["gpus"] * values["accum"]
+    per_step = (1 if values["gpus"] == "all" else values["gpus"]) * values["accum"]  # "all": checked at launch
     if values["batch_size"] % per_step:
         raise UserError(f"--batch-size {values['batch_size']} is not divisible by --gpus x --accum = {per_step}: "
                         f"choose a multiple of {per_step}")
@@ -278,7 +300,7 @@ def resolve_run(registry: Registry, choices: dict[str, Any], trainer_raw: dict[s
 
     loss_name, loss_raw = parse_choice(choice("loss"))
     loss = registry.get("loss", loss_name)
-    needs_text = "text" in loss.declared.get("needs", ())
+    needs_text = "text" in data_needs(set(loss.declared.get("needs", ())))
     components: dict[str, Component] = {"loss": loss}
     for slot in ("data", "encoder", "loss", "sampler"):
         name, raw = (loss_name, loss_raw) if slot == "loss" else parse_choice(choice(slot))
@@ -327,13 +349,19 @@ def check_composition(components: dict[str, Component], spec: dict[str, Any], te
         if key == "data" or comp.kind == "encoder":
             continue
         needs = set(comp.declared.get("needs", ()))
-        missing = (needs & DATA_FIELDS) - provides
+        missing = data_needs(needs) - provides
         if missing:
             raise UserError(f"{comp.kind} {comp.name} needs {', '.join(sorted(missing))} but {side_data}: "
                             f"choose another --data or --{_flag(key)}")
         if "text-tower" in needs and not text_tower:
             raise UserError(f"{comp.kind} {comp.name} needs a text tower but loss {spec['loss']['name']} trains "
                             f"none: use an image-text --loss or drop --{_flag(key)} {comp.name}")
+    loss_needs = set(components["loss"].declared.get("needs", ()))
+    for need, slot in (("image-tokens", "encoder"), ("text-tokens", "text_encoder")):
+        tower = components.get(slot) or components["encoder"]  # a shared tower serves both
+        if need in loss_needs and not tower.declared.get("tokens"):
+            raise UserError(f"loss {components['loss'].name} compares token features but encoder {tower.name} "
+                            f"gives none (no tokens=True): choose a --{_flag(slot)} with token features")
     if text_tower and spec["text_encoder"] is not None:
         image_dim = spec["encoder"]["options"].get("embed_dim")
         text_dim = spec["text_encoder"]["options"].get("embed_dim")

@@ -37,17 +37,58 @@ class RunModel(nn.Module):
     def text_tower(self) -> nn.Module | None:
         return self.image_encoder if self.shared else self.text_encoder
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        features: dict[str, torch.Tensor] = {}
+    def forward(self, batch: dict[str, Any], part: str = "all") -> dict[str, Any]:
+        """The loss dict of a batch; ``part="encode"`` stops at the features and ``part="score"`` takes them
+        instead of a batch: gradient caching (``orchestrator.engine.gradcache``) runs the two apart."""
+        if part == "score":
+            return self.score(batch)
+        features = self.encode(batch)
+        return features if part == "encode" else self.score(features)
+
+    def encode(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """What the loss reads: the towers' embeddings (and tokens, views, labels) of a batch."""
+        image_kwargs = {"modality": "image"} if self.shared else {}
+        text_kwargs = {"modality": "text"} if self.shared else {}
+        features: dict[str, Any] = {}
         if "image" in self.needs:
-            kwargs = {"modality": "image"} if self.shared else {}
-            features["image"] = self.image_encoder(batch["image"], **kwargs)
+            features["image"] = self.image_encoder(batch["image"], **image_kwargs)
+        if "views" in self.needs:
+            features["views"] = self._embed_views(batch["views"], image_kwargs)
+            features["view_inputs"] = batch["views"]
+        if "image-tokens" in self.needs:
+            features["image_tokens"], features["image_mask"] = self.image_encoder.forward_tokens(
+                batch["image"], **image_kwargs)
         if "text" in self.needs:
-            kwargs = {"modality": "text"} if self.shared else {}
-            features["text"] = self.text_tower(batch["text"], **kwargs)
+            features["text"] = self.text_tower(batch["text"], **text_kwargs)
+        if "text-tokens" in self.needs:
+            features["text_tokens"], features["text_mask"] = self.text_tower.forward_tokens(
+                batch["text"], **text_kwargs)
         if "label" in self.needs:
             features["label"] = batch["label"]
-        return self.loss(features)
+        return features
+
+    def score(self, features: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """The loss on the features of one batch (on each nested prefix, with Matryoshka encoders)."""
+        nested = getattr(self.image_encoder, "nested_dims", ())
+        return self._nested_loss(features, nested) if nested else self.loss(features)
+
+    def _embed_views(self, views: list[torch.Tensor], kwargs: dict[str, str]) -> list[torch.Tensor]:
+        """One forward over all views when they share a shape (as SimCLR concatenates its 2N views)."""
+        if len({tuple(v.shape[1:]) for v in views}) == 1:
+            return list(self.image_encoder(torch.cat(views), **kwargs).split(views[0].shape[0]))
+        return [self.image_encoder(v, **kwargs) for v in views]
+
+    def _nested_loss(self, features: dict[str, Any], dims: tuple[int, ...]) -> dict[str, torch.Tensor]:
+        """Matryoshka (Kusupati et al. 2022): the loss on each prefix of the embeddings, averaged."""
+        out: dict[str, torch.Tensor] = {}
+        for d in dims:
+            prefix = {k: v[..., :d] if k in ("image", "text") else v for k, v in features.items()}
+            if "views" in features:
+                prefix["views"] = [v[..., :d] for v in features["views"]]
+            for key, value in self.loss(prefix).items():
+                out[f"{key}@{d}"] = value
+        out["loss"] = torch.stack([out[f"loss@{d}"] for d in dims]).mean()
+        return out
 
 
 def build(registry: Registry, spec: dict[str, Any]) -> Composition:
@@ -61,6 +102,8 @@ def build(registry: Registry, spec: dict[str, Any]) -> Composition:
         text_encoder = image_encoder
     loss_component = registry.get("loss", spec["loss"]["name"])
     loss = build_component(registry, "loss", spec["loss"])
+    if hasattr(loss, "bind"):  # momentum encoders and EMA teachers copy the image tower
+        loss.bind(image_encoder)
     model = RunModel(image_encoder, text_encoder, loss, set(loss_component.declared.get("needs", ())))
     sampler = build_component(registry, "sampler", spec["sampler"])
     evaluators = [(e["name"], build_component(registry, "evaluator", e)) for e in spec["eval"]]

@@ -34,6 +34,8 @@ from orchestrator.engine.checkpoint import is_disk_full, write_manifest
 from orchestrator.engine.compose import Composition, RunModel, build
 from orchestrator.engine.dsconfig import deepspeed_config, effective_precision, warmup_cosine
 from orchestrator.engine.evaluation import EvalContext
+from orchestrator.engine.gradcache import engine_cached_step
+from orchestrator.engine.scale import prepare, run_after_step
 from orchestrator.errors import UserError
 from orchestrator.registry import Registry
 from orchestrator.runinfo import RunInfo
@@ -99,6 +101,7 @@ def train(spec: dict[str, Any], registry: Registry, run: RunInfo, store: Store |
     np.random.seed(trainer["seed"])
     comp = build(registry, spec)
     model = comp.model
+    prepare(model, trainer, spec)  # activation checkpointing, torch.compile
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     engine, scheduler = make_engine(model, trainer, device, precision, world)
@@ -127,30 +130,46 @@ def train(spec: dict[str, Any], registry: Registry, run: RunInfo, store: Store |
     train_split = comp.dataset.train
     labels = getattr(train_split, "labels", None)
     micro = trainer["batch_size"] // (world * trainer["accum"])
-    collate = partial(_collate, model=model)
-    interval_start = time.perf_counter()
+    if hasattr(comp.sampler, "setup"):
+        comp.sampler.setup(train_split)
+    refresh_every = getattr(comp.sampler, "refresh_every", 0) or 0
+    if refresh_every and not resume_tag:  # a resumed sampler has its refreshed state back already
+        _refresh_sampler(comp, model, device, precision)
 
-    while step < trainer["steps"]:
+    def epoch_loader(epoch: int, start: int) -> tuple[int, Any]:
+        """This rank's micro-batches of ``epoch`` from global batch ``start`` on, and the epoch's batch count."""
         batches = comp.sampler.batches(len(train_split), labels, trainer["batch_size"], trainer["seed"], epoch)
         batches = [b for b in batches if len(b) == trainer["batch_size"]]  # ranks need equal shards
         if not batches:
             raise UserError(f"dataset {spec['data']['name']} has {len(train_split)} training samples, fewer than "
                             f"one batch of {trainer['batch_size']}: lower --batch-size")
-        shards = [b[(a * world + rank) * micro:(a * world + rank + 1) * micro]
-                  for b in batches[batch_in_epoch:] for a in range(trainer["accum"])]
-        loader = torch.utils.data.DataLoader(train_split, batch_sampler=shards, collate_fn=collate,
-                                             num_workers=trainer["workers"], pin_memory=device.type == "cuda")
-        micro_batches = iter(loader)
-        for _ in range(len(batches) - batch_in_epoch):
+        shards.batches = [[(epoch, i) for i in b[(a * world + rank) * micro:(a * world + rank + 1) * micro]]
+                          for b in batches[start:] for a in range(trainer["accum"])]
+        return len(batches), iter(loader)  # persistent workers: the same processes, drained of the old epoch
+
+    shards = _Shards()
+    workers = trainer["workers"]
+    loader = torch.utils.data.DataLoader(
+        _EpochIndexed(train_split), batch_sampler=shards, num_workers=workers, pin_memory=device.type == "cuda",
+        collate_fn=partial(_collate_epoch, model=model, seed=trainer["seed"]), persistent_workers=workers > 0,
+        prefetch_factor=trainer.get("prefetch", 2) if workers else None, generator=_loader_generator(trainer, rank))
+
+    grad_cache = trainer.get("grad_cache", 0)  # specs queued before the option have none
+    interval_start = time.perf_counter()
+    while step < trainer["steps"]:
+        epoch_batches, micro_batches = epoch_loader(epoch, batch_in_epoch)
+        while batch_in_epoch < epoch_batches:
             for _ in range(trainer["accum"]):
-                batch = {k: v.to(device, non_blocking=True) for k, v in next(micro_batches).items()}
-                out = engine(batch)
-                engine.backward(out["loss"])
+                batch = _to_device(next(micro_batches), device)
+                if grad_cache:  # GradCache (Gao et al. 2021): the batch in chunks, the same gradients
+                    out = engine_cached_step(engine, batch, grad_cache)
+                else:
+                    out = engine(batch)
+                    engine.backward(out["loss"])
                 engine.step()
                 for key, value in out.items():
                     interval[key] = interval.get(key, 0) + value.detach().float() / trainer["accum"]
-            if hasattr(model.loss, "after_step"):
-                model.loss.after_step()
+            run_after_step(model.loss)  # on the fp32 masters, gathered under ZeRO-3
             step, batch_in_epoch, interval_steps = step + 1, batch_in_epoch + 1, interval_steps + 1
 
             logging = step % trainer["log_every"] == 0 or step == trainer["steps"]
@@ -177,6 +196,9 @@ def train(spec: dict[str, Any], registry: Registry, run: RunInfo, store: Store |
                 results = _evaluate(comp, model, device, precision, trainer)
                 if reporter:
                     reporter.log(step, results)
+            if refresh_every and step % refresh_every == 0 and step < trainer["steps"]:
+                _refresh_sampler(comp, model, device, precision)  # before the save: a resume starts refreshed
+                epoch_batches, micro_batches = epoch_loader(epoch, batch_in_epoch)
             if saving:
                 rank_state = {"rng": _get_rng(), "interval": interval, "interval_steps": interval_steps}
                 _save(engine, comp, checkpoints, step, epoch, batch_in_epoch, reporter, rank, rank_state)
@@ -215,16 +237,108 @@ def make_engine(model: RunModel, trainer: dict[str, Any], device: torch.device, 
     return engine, scheduler
 
 
-def _collate(samples: list[dict[str, Any]], model: RunModel) -> dict[str, torch.Tensor]:
-    """Apply each tower's own preprocessing: the image transform and the tokenizer."""
-    batch: dict[str, torch.Tensor] = {}
-    if "image" in model.needs:
-        batch["image"] = torch.stack([model.image_encoder.transform(s["image"]) for s in samples])
-    if "text" in model.needs:
-        batch["text"] = model.text_tower.tokenize([s["text"] for s in samples])
+class _Shards:
+    """The batch sampler of an attempt's one loader: this rank's micro-batches of the current epoch, as
+    ``(epoch, index)`` keys, so that loader workers living across epochs seed each view by its own epoch."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[tuple[int, int]]] = []
+
+    def __iter__(self) -> Any:
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+class _EpochIndexed(torch.utils.data.Dataset):
+    """``(epoch, index)`` -> ``(epoch, (index, item))``: the epoch rides along to the collate function."""
+
+    def __init__(self, split: Any) -> None:
+        self.indexed = _Indexed(split)
+
+    def __len__(self) -> int:
+        return len(self.indexed)
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[int, tuple[int, dict[str, Any]]]:
+        return key[0], self.indexed[key[1]]
+
+
+def _collate_epoch(samples: list[tuple[int, tuple[int, dict[str, Any]]]], model: RunModel,
+                   seed: int) -> dict[str, Any]:
+    return _collate([sample for _, sample in samples], model, seed=seed, epoch=samples[0][0])
+
+
+def _loader_generator(trainer: dict[str, Any], rank: int) -> torch.Generator:
+    """The loader's own RNG (its workers' base seed): creating an iterator never draws from the training RNG, so a
+    resumed attempt's RNG continues exactly where the checkpointed one stopped."""
+    seed = int(np.random.SeedSequence((trainer["seed"], rank)).generate_state(1, np.uint64)[0] >> 1)
+    return torch.Generator().manual_seed(seed)
+
+
+class _Indexed(torch.utils.data.Dataset):
+    """The train split, each item with its index: a view's augmentation is seeded from it."""
+
+    def __init__(self, split: Any) -> None:
+        self.split = split
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, index: int) -> tuple[int, dict[str, Any]]:
+        return index, self.split[index]
+
+
+def _collate(samples: list[tuple[int, dict[str, Any]]], model: RunModel, seed: int, epoch: int) -> dict[str, Any]:
+    """Apply each tower's own preprocessing: the image transform (after the loss's views) and the tokenizer."""
+    indices = [index for index, _ in samples]
+    items = [item for _, item in samples]
+    batch: dict[str, Any] = {}
+    if model.needs & {"image", "image-tokens"}:
+        batch["image"] = torch.stack([model.image_encoder.transform(s["image"]) for s in items])
+    if "views" in model.needs:
+        transform, threads = model.image_encoder.transform, torch.get_num_threads()
+        torch.set_num_threads(1)  # per-sample ops are tiny: one thread, as in a loader worker, is faster
+        try:
+            batch["views"] = [torch.stack([transform(_augment(view, s["image"], (seed, epoch, index, v)))
+                                           for index, s in zip(indices, items)])
+                              for v, view in enumerate(model.loss.views)]
+        finally:
+            torch.set_num_threads(threads)
+    if model.needs & {"text", "text-tokens"}:
+        batch["text"] = model.text_tower.tokenize([s["text"] for s in items])
     if "label" in model.needs:
-        batch["label"] = torch.tensor([s["label"] for s in samples])
+        batch["label"] = torch.tensor([s["label"] for s in items])
     return batch
+
+
+def _augment(view: Any, image: torch.Tensor, key: tuple[int, int, int, int]) -> torch.Tensor:
+    """One view of one sample, its randomness a function of (seed, epoch, index, view) only: the same on any
+    rank, with any number of loader workers, and after a resume; the training RNG is left untouched.
+    (Only the CPU generator is touched: ``torch.manual_seed`` would also seed every accelerator, per sample.)"""
+    generator = torch.default_generator
+    state = generator.get_state()
+    generator.manual_seed(int(np.random.SeedSequence(key).generate_state(1, np.uint64)[0] >> 1))
+    try:
+        return view(image)
+    finally:
+        generator.set_state(state)
+
+
+def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: [t.to(device, non_blocking=True) for t in v] if isinstance(v, list) else v.to(device, non_blocking=True)
+            for k, v in batch.items()}
+
+
+def _refresh_sampler(comp: Composition, model: RunModel, device: torch.device, precision: str) -> None:
+    """Give the sampler the normalised train embeddings under the current image tower (every rank alike)."""
+    split = comp.dataset.train
+    ctx = EvalContext(model.image_encoder, model.text_tower, comp.dataset, device, DTYPES[precision])
+    model.eval()
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        embeddings = ctx.encode_images([split[i]["image"] for i in range(len(split))])
+    model.train()
+    comp.sampler.refresh(embeddings.float().cpu())
 
 
 def _mean_over_ranks(sums: dict[str, torch.Tensor], steps: int) -> dict[str, float]:
