@@ -13,3 +13,4 @@ def register_losses(register):
     register("align-uniform", "plugins.losses.align_uniform:AlignUniform", needs={"views"})
     register("barlow-twins", "plugins.losses.barlow_twins:BarlowTwins", needs={"views"})
     register("vicreg", "plugins.losses.vicreg:VICReg", needs={"views"})
+    register("moco", "plugins.losses.moco:MoCo", needs={"views"})
