@@ -14,3 +14,4 @@ def register_losses(register):
     register("barlow-twins", "plugins.losses.barlow_twins:BarlowTwins", needs={"views"})
     register("vicreg", "plugins.losses.vicreg:VICReg", needs={"views"})
     register("moco", "plugins.losses.moco:MoCo", needs={"views"})
+    register("byol", "plugins.losses.byol:BYOL", needs={"views"})
