@@ -35,6 +35,9 @@ hookimpl = pluggy.HookimplMarker("orch")
 def register_datasets(register: Any) -> None:
     """Register datasets: ``register(name, component, provides={"image", "text", "label"})``.
 
+    ``provides`` may instead be a light function of the resolved options returning that set (a dataset
+    whose labels come from an optional column provides ``label`` only when the column is named).
+
     Built with its options, a dataset has ``train`` and ``test`` splits (fixed, held out), each a
     sequence whose items are dicts with the provided keys: ``image`` a float tensor C x H x W in [0, 1],
     ``text`` a caption ``str``, ``label`` an ``int``. A split with labels has ``labels`` (a list of ints).

@@ -14,6 +14,7 @@ import importlib
 import importlib.util
 import inspect
 import os
+import types
 import typing
 import warnings
 from collections.abc import Callable
@@ -66,6 +67,12 @@ class Component:
     def option(self, name: str) -> Option | None:
         return next((o for o in self.options if o.name == name), None)
 
+    def provides(self, options: dict[str, Any]) -> set[str]:
+        """A dataset's fields: ``provides=`` is a set, or a light function of the resolved options (labels
+        from an optional column are there only when the column is named)."""
+        declared = self.declared.get("provides", ())
+        return set(declared(options) if callable(declared) else declared)
+
     def load(self) -> Callable[..., Any]:
         """Import the component (heavy: this is where torch comes in)."""
         if not isinstance(self.target, str):
@@ -101,6 +108,8 @@ def type_name(tp: Any) -> str:
         return "|".join(str(a) for a in typing.get_args(tp))
     if tp is _MISSING:
         return "any"
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):  # "int | all", "str | None"
+        return " | ".join("None" if a is type(None) else type_name(a) for a in typing.get_args(tp))
     if isinstance(tp, type):
         return tp.__name__
     return str(tp).replace("typing.", "").replace("pathlib.", "")

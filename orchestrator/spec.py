@@ -343,7 +343,7 @@ def resolve_run(registry: Registry, choices: dict[str, Any], trainer_raw: dict[s
 def check_composition(components: dict[str, Component], spec: dict[str, Any], text_tower: bool) -> None:
     """Refuse an impossible composition with one line naming both sides."""
     data = components["data"]
-    provides = set(data.declared.get("provides", ()))
+    provides = data.provides(spec["data"]["options"])
     side_data = f"dataset {data.name} (provides {', '.join(sorted(provides)) or 'nothing'})"
     for key, comp in components.items():
         if key == "data" or comp.kind == "encoder":

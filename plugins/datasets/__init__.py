@@ -9,7 +9,7 @@ run here at queue time through ``resolve=``; decoding images waits for the worke
 from __future__ import annotations
 
 import csv as csv_module  # not `import csv`: the submodule plugins.datasets.csv would shadow that name
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -117,10 +117,39 @@ def _csv(options: dict[str, Any]) -> dict[str, Any]:
     return _check_fraction(options)
 
 
+def expand_shards(pattern: str) -> list[Path]:
+    """The shard files of a path or brace pattern (``/data/{000..009}.tar``); a UserError unless all exist."""
+    from braceexpand import braceexpand  # webdataset's own dependency; pure Python
+
+    how = "give shards=/path/to/shard.tar or a brace pattern like /data/{00000..00099}.tar"
+    try:
+        paths = [Path(p).expanduser().absolute() for p in braceexpand(pattern)]
+    except Exception as exc:  # noqa: BLE001 - braceexpand raises plain errors on malformed patterns
+        raise UserError(f"webdataset: cannot expand shards={pattern} ({exc}): {how}") from None
+    absent = [p for p in paths if not p.is_file()]
+    if absent:
+        more = f" and {len(absent) - 1} more" if len(absent) > 1 else ""
+        raise UserError(f"webdataset: shard {absent[0]}{more} does not exist: {how}")
+    return paths
+
+
+def _webdataset(options: dict[str, Any]) -> dict[str, Any]:
+    """Queue time: every shard exists. Its members are checked when the worker indexes the shards."""
+    expand_shards(options["shards"])
+    _check_image_size("webdataset", options)
+    return _check_fraction(options)
+
+
+def _labelled_by(option: str) -> Callable[[dict[str, Any]], set[str]]:
+    """Image-text pairs, with labels when ``option`` names where they are."""
+    return lambda options: {"image", "text", "label"} if options.get(option) else {"image", "text"}
+
+
 @hookimpl
 def register_datasets(register: Any) -> None:
     register("mnist", "plugins.datasets.mnist:MNIST", provides=PROVIDES, resolve=_check_fraction)
     register("digits", "plugins.datasets.digits:Digits", provides=PROVIDES, resolve=_check_fraction)
     register("imagefolder", "plugins.datasets.imagefolder:ImageFolder", provides=PROVIDES, resolve=_imagefolder)
-    # Labels from label_column reach the sampler but are not declared: evaluators that need labels use imagefolder.
-    register("csv", "plugins.datasets.csv:CSVPairs", provides={"image", "text"}, resolve=_csv)
+    register("csv", "plugins.datasets.csv:CSVPairs", provides=_labelled_by("label_column"), resolve=_csv)
+    register("webdataset", "plugins.datasets.webdataset:WebDataset", provides=_labelled_by("label_ext"),
+             resolve=_webdataset)

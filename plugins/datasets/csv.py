@@ -1,9 +1,8 @@
 """Your own image-caption pairs, listed in a CSV file (one row per image), for image-text pre-training.
 
 A CSV is the common export of captioned image collections (CC3M/LAION-style metadata, a spreadsheet).
-It provides ``image`` and ``text`` only: labels are not declared to ``orch queue`` (a CSV may have none),
-so evaluators that need labels (``zs``) are refused with it; evaluate with ``imagenet-zs``, or put
-labelled images in an ImageFolder tree and use ``--data imagefolder``.
+It provides ``image`` and ``text``, and ``label`` when ``label_column`` names a column: only then are
+label-aware samplers and evaluators (``zs``, ``knn``) accepted by ``orch queue``.
 """
 
 from __future__ import annotations
@@ -14,6 +13,8 @@ from orchestrator.errors import UserError
 from plugins.datasets import csv_rows
 from plugins.datasets.imagefolder import ImageFiles, verify_image
 
+TEMPLATES = ("a photo of a {}.",)  # CLIP's default prompt
+
 
 class CSVPairs:
     """Image-caption pairs from a CSV (image path and caption columns); the last rows are held out.
@@ -21,8 +22,8 @@ class CSVPairs:
     ``path`` is the CSV; ``image_column`` holds image paths (relative ones are read from the CSV's folder)
     and ``caption_column`` their captions. The held-out ``test`` split is the last ``test_fraction`` of
     the rows, whatever the seed. ``label_column``, if given, adds an integer ``label`` (the index of the
-    value among the sorted distinct values, also ``class_names``) for label-aware samplers; ``orch queue``
-    does not know about it. Images become RGB ``image_size`` squares (resize, centre crop).
+    value among the sorted distinct values, also ``class_names``, prompted with CLIP's "a photo of a {}.").
+    Images become RGB ``image_size`` squares (resize, centre crop).
     """
 
     def __init__(self, path: Path, image_column: str = "image", caption_column: str = "caption",
@@ -38,6 +39,7 @@ class CSVPairs:
         labels = None
         if label_column:
             self.class_names = sorted({label for _, _, label in rows})
+            self.templates = list(TEMPLATES)
             index = {name: i for i, name in enumerate(self.class_names)}
             labels = [index[label] for _, _, label in rows]
         n = len(rows)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal
+from typing import BinaryIO, Literal
 
 import numpy as np
 import torch
@@ -49,13 +49,15 @@ def verify_image(path: Path, where: str) -> None:
         raise UserError(f"{where}: cannot read image {path} ({_reason(exc)}): replace or delete the file") from None
 
 
-def load_image(path: Path, size: int, where: str) -> torch.Tensor:
-    """3 x size x size RGB floats in [0, 1]: the short side resized, then centre-cropped (keeps the aspect)."""
+def load_image(path: Path | BinaryIO, size: int, where: str, name: str | None = None) -> torch.Tensor:
+    """3 x size x size RGB floats in [0, 1]: the short side resized, then centre-cropped (keeps the aspect).
+    ``path`` may be an open binary file (a tar member), then ``name`` says which image it is."""
     try:
         with Image.open(path) as img:
             img = ImageOps.fit(img.convert("RGB"), (size, size), Image.Resampling.BICUBIC)
     except _DECODE_ERRORS as exc:
-        raise UserError(f"{where}: cannot read image {path} ({_reason(exc)}): replace or delete the file") from None
+        raise UserError(f"{where}: cannot read image {name or path} ({_reason(exc)}): replace or delete "
+                        f"the file") from None
     return torch.from_numpy(np.array(img)).permute(2, 0, 1).float().div_(255.0)
 
 

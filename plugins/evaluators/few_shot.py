@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from orchestrator.engine.evaluation import EvalContext
+from orchestrator.errors import UserError
 from plugins.evaluators.knn import vote_accuracy
 from plugins.evaluators.linear_probe import class_count, fit_logistic, probe_scores, to_numpy
 
@@ -39,7 +40,7 @@ class FewShot:
     def __init__(self, shots: tuple[int, ...] = (1, 2, 4, 8, 16), seeds: int = 3, C: float = 1.0,
                  max_iter: int = 1000) -> None:
         if not shots or min(shots) < 1 or seeds < 1 or C <= 0:
-            raise ValueError(f"few-shot needs shots >= 1, seeds >= 1 and C > 0, got {shots}, {seeds}, {C}")
+            raise UserError(f"few-shot needs shots >= 1, seeds >= 1 and C > 0, got {shots}, {seeds}, {C}")
         self.shots = tuple(shots)
         self.seeds = seeds
         self.C = C

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from orchestrator.engine.evaluation import EvalContext
+from orchestrator.errors import UserError
 
 SIMILARITY_BUDGET = 2**26  # entries of one [queries, bank] similarity block (256 MiB in float32)
 
@@ -53,7 +54,7 @@ class KNN:
 
     def __init__(self, k: int = 20, temperature: float = 0.07) -> None:
         if k < 1 or temperature <= 0:
-            raise ValueError(f"knn needs k >= 1 and temperature > 0, got k={k}, temperature={temperature}")
+            raise UserError(f"knn needs k >= 1 and temperature > 0, got k={k}, temperature={temperature}")
         self.k = k
         self.temperature = temperature
         self._seen: dict[str, Any] = {}

@@ -18,6 +18,7 @@ import torch
 
 from orchestrator.data import held_out
 from orchestrator.engine.evaluation import EvalContext
+from orchestrator.errors import UserError
 from plugins.evaluators.knn import vote_accuracy
 
 COARSE = (-6.0, 6.0, 2.0)  # log10 C: first, last, step of CLIP's starting grid
@@ -92,7 +93,7 @@ class LinearProbe:
 
     def __init__(self, val_fraction: float = 0.2, refinements: int = 4, max_iter: int = 1000) -> None:
         if not 0.0 < val_fraction < 1.0 or refinements < 0 or max_iter < 1:
-            raise ValueError(f"linear-probe needs 0 < val_fraction < 1, refinements >= 0 and max_iter >= 1, got "
+            raise UserError(f"linear-probe needs 0 < val_fraction < 1, refinements >= 0 and max_iter >= 1, got "
                              f"{val_fraction}, {refinements}, {max_iter}")
         self.val_fraction = val_fraction
         self.refinements = refinements

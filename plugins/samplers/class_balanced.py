@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from orchestrator.errors import UserError
 from plugins.samplers.common import epoch_generator
 
 
@@ -23,15 +24,15 @@ class ClassBalancedSampler:
 
     def __init__(self, m: int = 4) -> None:
         if m < 1:
-            raise ValueError(f"class-balanced: m must be at least 1, not {m}")
+            raise UserError(f"class-balanced: m must be at least 1, not {m}")
         self.m = m
 
     def batches(self, n: int, labels: list[int] | None, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
         """The global batches of ``epoch``: ``batch_size // m`` classes x ``m`` samples each."""
         if labels is None:
-            raise ValueError("class-balanced needs labels: use it with a labelled dataset")
+            raise UserError("class-balanced needs labels: use it with a labelled dataset")
         if batch_size % self.m:
-            raise ValueError(f"class-balanced: batch_size {batch_size} is not divisible by m={self.m}: choose a "
+            raise UserError(f"class-balanced: batch_size {batch_size} is not divisible by m={self.m}: choose a "
                              f"--batch-size that is a multiple of {self.m} or another m")
         by_class: dict[int, list[int]] = {}
         for i, y in enumerate(labels[:n]):
@@ -39,7 +40,7 @@ class ClassBalancedSampler:
         eligible = sorted(c for c, members in by_class.items() if len(members) >= self.m)
         per_batch = batch_size // self.m
         if per_batch > len(eligible):
-            raise ValueError(f"class-balanced: a batch of {batch_size} needs {per_batch} classes with at least "
+            raise UserError(f"class-balanced: a batch of {batch_size} needs {per_batch} classes with at least "
                              f"m={self.m} samples each, but the data has {len(eligible)}: lower --batch-size to at "
                              f"most {len(eligible) * self.m} or raise m")
         generator = epoch_generator(seed, epoch)

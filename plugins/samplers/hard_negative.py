@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from orchestrator.errors import UserError
 from plugins.samplers.common import epoch_generator, full_batches, spherical_kmeans
 from plugins.samplers.random import RandomSampler
 
@@ -44,7 +45,7 @@ class HardNegativeSampler:
 
     def __init__(self, refresh_every: int = 100, clusters: int = 64, iterations: int = 10) -> None:
         if refresh_every < 1 or clusters < 1 or iterations < 0:
-            raise ValueError(f"hard-negative needs refresh_every >= 1, clusters >= 1 and iterations >= 0, got "
+            raise UserError(f"hard-negative needs refresh_every >= 1, clusters >= 1 and iterations >= 0, got "
                              f"{refresh_every}, {clusters}, {iterations}")
         self.refresh_every = refresh_every
         self.clusters = clusters
@@ -65,7 +66,7 @@ class HardNegativeSampler:
         if self.assignment is None:
             return RandomSampler().batches(n, labels, batch_size, seed, epoch)
         if len(self.assignment) != n:
-            raise ValueError(f"hard-negative: the last refresh clustered {len(self.assignment)} samples, not {n}")
+            raise UserError(f"hard-negative: the last refresh clustered {len(self.assignment)} samples, not {n}")
         generator = epoch_generator(seed, epoch)
         members: list[list[int]] = [[] for _ in self.chain]
         for i in torch.randperm(n, generator=generator).tolist():

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from orchestrator.errors import UserError
 from plugins.samplers.common import epoch_generator, full_batches
 
 
@@ -46,9 +47,9 @@ class MetadataBalanceSampler:
 
     def __init__(self, entries: tuple[str, ...] = (), t: int = 100) -> None:
         if t < 1:
-            raise ValueError(f"metadata-balance: t must be at least 1, not {t}")
+            raise UserError(f"metadata-balance: t must be at least 1, not {t}")
         if any(not e for e in entries):
-            raise ValueError("metadata-balance: an entry is empty (it would match every caption)")
+            raise UserError("metadata-balance: an entry is empty (it would match every caption)")
         self.entries = tuple(entries)
         self.t = t
         self.matches: list[list[int]] | None = None
@@ -62,7 +63,7 @@ class MetadataBalanceSampler:
         lowered = [e.lower() for e in self.entries]
         self.matches = [[j for j, e in enumerate(lowered) if e in text.lower()] for text in captions]
         if not any(self.matches):
-            raise ValueError(f"metadata-balance: no caption contains any of the {len(self.entries)} entries "
+            raise UserError(f"metadata-balance: no caption contains any of the {len(self.entries)} entries "
                              f"({', '.join(self.entries[:3])}...): check entries")
 
     def keep(self, n: int, labels: list[int] | None) -> torch.Tensor:
@@ -72,13 +73,13 @@ class MetadataBalanceSampler:
                 raise RuntimeError("metadata-balance with entries needs setup(train split) before batches()")
             matches, entries = self.matches, len(self.entries)
         elif labels is None:
-            raise ValueError("metadata-balance without entries balances classes and needs labels: give "
+            raise UserError("metadata-balance without entries balances classes and needs labels: give "
                              "entries=[...] to match captions instead")
         else:
             matches = [[int(y)] for y in labels[:n]]
             entries = max((m[0] for m in matches), default=-1) + 1
         if len(matches) != n:
-            raise ValueError(f"metadata-balance: setup saw {len(matches)} samples, batches() asks for {n}")
+            raise UserError(f"metadata-balance: setup saw {len(matches)} samples, batches() asks for {n}")
         keep, self.counts = keep_probabilities(matches, entries, self.t)
         return keep
 

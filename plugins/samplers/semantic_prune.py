@@ -22,6 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from orchestrator.errors import UserError
 from plugins.samplers.common import epoch_generator, full_batches, spherical_kmeans
 from plugins.samplers.random import RandomSampler
 
@@ -80,7 +81,7 @@ class SemanticPruneSampler:
                  temperature: float = 0.1, dedup_eps: float = 0.0, embeddings: Path | None = None,
                  reprune_every: int = 0) -> None:
         if not 0.0 < keep <= 1.0 or clusters < 1 or neighbours < 1 or temperature <= 0 or dedup_eps < 0:
-            raise ValueError(f"semantic-prune needs 0 < keep <= 1, clusters >= 1, neighbours >= 1, temperature > 0 "
+            raise UserError(f"semantic-prune needs 0 < keep <= 1, clusters >= 1, neighbours >= 1, temperature > 0 "
                              f"and dedup_eps >= 0, got {keep}, {clusters}, {neighbours}, {temperature}, {dedup_eps}")
         self.keep = keep
         self.clusters = clusters
@@ -128,7 +129,7 @@ class SemanticPruneSampler:
         if self.kept is None:
             return RandomSampler().batches(n, labels, batch_size, seed, epoch)
         if self.kept and self.kept[-1] >= n:
-            raise ValueError(f"semantic-prune: the kept set indexes {self.kept[-1] + 1}+ samples, the split has {n}")
+            raise UserError(f"semantic-prune: the kept set indexes {self.kept[-1] + 1}+ samples, the split has {n}")
         order = torch.randperm(len(self.kept), generator=epoch_generator(seed, epoch)).tolist()
         return full_batches([self.kept[j] for j in order], batch_size)
 
@@ -137,7 +138,7 @@ class SemanticPruneSampler:
         data = np.load(path) if path.suffix == ".npy" else torch.load(path, map_location="cpu", weights_only=True)
         embeddings = torch.as_tensor(np.asarray(data), dtype=torch.float32)
         if embeddings.ndim != 2 or len(embeddings) != n:
-            raise ValueError(f"semantic-prune: {path} holds {tuple(embeddings.shape)} embeddings; want [{n}, D], one "
+            raise UserError(f"semantic-prune: {path} holds {tuple(embeddings.shape)} embeddings; want [{n}, D], one "
                              f"row per train sample in order")
         return embeddings
 

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from orchestrator.errors import UserError
 from plugins.samplers.common import epoch_generator
 
 
@@ -28,13 +29,13 @@ class UniqueClassSampler:
     def batches(self, n: int, labels: list[int] | None, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
         """The global batches of ``epoch``, each holding ``batch_size`` samples of distinct classes."""
         if labels is None:
-            raise ValueError("unique-class needs labels: use it with a labelled dataset")
+            raise UserError("unique-class needs labels: use it with a labelled dataset")
         by_class: dict[int, list[int]] = {}
         for i, y in enumerate(labels[:n]):
             by_class.setdefault(int(y), []).append(i)
         classes = sorted(by_class)
         if not 1 <= batch_size <= len(classes):
-            raise ValueError(f"unique-class: a batch of {batch_size} samples of distinct classes is impossible with "
+            raise UserError(f"unique-class: a batch of {batch_size} samples of distinct classes is impossible with "
                              f"{len(classes)} classes: use --batch-size {len(classes)} or less, or another sampler")
         generator = epoch_generator(seed, epoch)
         queues = []

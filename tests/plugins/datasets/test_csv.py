@@ -145,6 +145,8 @@ def test_orch_queue_checks_the_csv_and_refuses_label_evaluators(workdir: Path) -
     missing = orch("queue", "--data", f"csv:path={path},caption_column=text", cwd=workdir)
     assert missing.returncode == 2 and missing.stderr.count("\n") == 1
     assert "its columns are image, caption, kind" in missing.stderr
-    labelled = orch("queue", "--data", f"csv:path={path}", cwd=workdir)  # the default --eval zs needs labels
-    assert labelled.returncode == 2
-    assert "evaluator zs needs label but dataset csv (provides image, text)" in labelled.stderr
+    unlabelled = orch("queue", "--data", f"csv:path={path}", cwd=workdir)  # the default --eval zs needs labels
+    assert unlabelled.returncode == 2
+    assert "evaluator zs needs label but dataset csv (provides image, text)" in unlabelled.stderr
+    labelled = orch("queue", "--data", f"csv:path={path},label_column=kind", cwd=workdir)  # now it has labels
+    assert labelled.returncode == 0, labelled.stderr

@@ -6,6 +6,7 @@ import torch
 from probe_data import PixelIdImage, synthetic
 
 from orchestrator.engine.evaluation import EvalContext
+from orchestrator.errors import UserError
 from orchestrator.registry import Registry
 from orchestrator.testing import assert_light, check, check_evaluator, eval_context
 from plugins.evaluators.few_shot import FewShot, draw_shots
@@ -49,5 +50,5 @@ def test_contract_registration_and_bad_options():
     assert component.declared == {"needs": {"label"}}
     assert [(o.name, o.default) for o in component.options][:2] == [("shots", (1, 2, 4, 8, 16)), ("seeds", 3)]
     assert check("evaluator", "few-shot", registry, shots=(1, 2), seeds=1).shots == (1, 2)
-    with pytest.raises(ValueError, match="shots"):
+    with pytest.raises(UserError, match="shots"):
         FewShot(shots=(0,))

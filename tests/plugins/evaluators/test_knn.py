@@ -10,6 +10,7 @@ from torch import nn
 
 from orchestrator.data import LabelledSplit
 from orchestrator.engine.evaluation import EvalContext
+from orchestrator.errors import UserError
 from orchestrator.registry import Registry
 from orchestrator.testing import assert_light, check, check_evaluator, eval_context
 from plugins.datasets.mnist import MNIST
@@ -101,7 +102,7 @@ def test_no_top5_with_few_classes_and_contract():
     ctx = eval_context(text=False)
     results = check_evaluator(KNN(k=3), ctx)
     assert set(results) == {"top1"}
-    with pytest.raises(ValueError, match="k >= 1"):
+    with pytest.raises(UserError, match="k >= 1"):
         KNN(k=0)
 
 

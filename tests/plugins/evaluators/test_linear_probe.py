@@ -5,6 +5,7 @@ import torch
 from probe_data import PixelIdImage, mark, synthetic
 
 from orchestrator.engine.evaluation import EvalContext
+from orchestrator.errors import UserError
 from orchestrator.registry import Registry
 from orchestrator.testing import assert_light, check, check_evaluator, eval_context
 from plugins.datasets.mnist import MNIST
@@ -56,5 +57,5 @@ def test_contract_registration_and_bad_options():
     component = registry.get("evaluator", "linear-probe")
     assert component.declared == {"needs": {"label"}}
     assert isinstance(check("evaluator", "linear-probe", registry, refinements=0), LinearProbe)
-    with pytest.raises(ValueError, match="val_fraction"):
+    with pytest.raises(UserError, match="val_fraction"):
         LinearProbe(val_fraction=1.0)

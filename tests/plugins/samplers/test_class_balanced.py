@@ -5,6 +5,7 @@ from collections import Counter
 import pytest
 from engine_shards import assert_ranks_disjoint, assert_resumes
 
+from orchestrator.errors import UserError
 from orchestrator.registry import Registry
 from orchestrator.testing import assert_light, check_sampler
 from plugins.samplers.class_balanced import ClassBalancedSampler
@@ -46,11 +47,11 @@ def test_ranks_never_overlap_and_resume():
 
 
 def test_clear_errors():
-    with pytest.raises(ValueError, match="not divisible by m=4"):
+    with pytest.raises(UserError, match="not divisible by m=4"):
         ClassBalancedSampler(m=4).batches(400, LABELS, 10, 0, 0)
-    with pytest.raises(ValueError, match="at most 40"):
+    with pytest.raises(UserError, match="at most 40"):
         ClassBalancedSampler(m=4).batches(len(LABELS), LABELS, 48, 0, 0)
-    with pytest.raises(ValueError, match="needs labels"):
+    with pytest.raises(UserError, match="needs labels"):
         ClassBalancedSampler().batches(10, None, 8, 0, 0)
 
 

@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 from engine_shards import assert_ranks_disjoint, assert_resumes
 
+from orchestrator.errors import UserError
 from orchestrator.registry import Registry
 from orchestrator.testing import assert_light, check_sampler
 from plugins.samplers.common import spherical_kmeans
@@ -74,7 +75,7 @@ def test_deterministic_ranks_and_resume_with_the_clusters():
     assert_ranks_disjoint(a, world=2, accum=2)
     # a fresh sampler never refreshed: the state alone reproduces the clustered batches
     assert_resumes(sampler, lambda: HardNegativeSampler(clusters=GROUPS), n, None, 16, at=5)
-    with pytest.raises(ValueError, match="clustered 256 samples, not 100"):
+    with pytest.raises(UserError, match="clustered 256 samples, not 100"):
         sampler.batches(100, None, 10, 0, 0)
 
 

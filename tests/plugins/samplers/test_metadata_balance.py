@@ -7,6 +7,7 @@ import pytest
 import torch
 from engine_shards import assert_ranks_disjoint, assert_resumes
 
+from orchestrator.errors import UserError
 from orchestrator.registry import Registry
 from orchestrator.testing import assert_light, check_sampler
 from plugins.datasets.mnist import MNIST
@@ -60,7 +61,7 @@ def test_classes_are_entries_without_entries():
     batches = sampler.batches(len(labels), labels, 8, seed=0, epoch=0)
     counts = Counter(labels[i] for b in batches for i in b)
     assert sampler.counts == [400, 40] and counts[1] <= 40 and 20 < counts[0] < 65
-    with pytest.raises(ValueError, match="needs labels"):
+    with pytest.raises(UserError, match="needs labels"):
         MetadataBalanceSampler().batches(10, None, 2, 0, 0)
 
 
@@ -88,9 +89,9 @@ def test_deterministic_ranks_and_resume():
 def test_clear_errors():
     with pytest.raises(RuntimeError, match="needs setup"):
         MetadataBalanceSampler(entries=ENTRIES).batches(10, None, 2, 0, 0)
-    with pytest.raises(ValueError, match="no caption contains"):
+    with pytest.raises(UserError, match="no caption contains"):
         MetadataBalanceSampler(entries=("zebra",)).setup(SPLIT)
-    with pytest.raises(ValueError, match="empty"):
+    with pytest.raises(UserError, match="empty"):
         MetadataBalanceSampler(entries=("",))
 
 

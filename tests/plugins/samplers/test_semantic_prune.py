@@ -100,7 +100,7 @@ def test_precomputed_embeddings(tmp_path, suffix):
     assert sampler.kept == pruned(points).kept and len(batches) == 20
     resolved = resolve("sampler", "semantic-prune", Registry.load(), embeddings=path)["options"]["embeddings"]
     assert resolved == str(path.absolute())
-    with pytest.raises(ValueError, match="want \\[300, D\\]"):
+    with pytest.raises(UserError, match="want \\[300, D\\]"):
         SemanticPruneSampler(embeddings=path).batches(300, None, 10, 0, 0)
 
 

@@ -5,6 +5,7 @@ from collections import Counter
 import pytest
 from engine_shards import assert_ranks_disjoint, assert_resumes
 
+from orchestrator.errors import UserError
 from orchestrator.registry import Registry
 from orchestrator.testing import assert_light, check_sampler
 from plugins.samplers.unique_class import UniqueClassSampler
@@ -39,9 +40,9 @@ def test_deterministic_ranks_and_resume():
 
 
 def test_impossible_batch_size_says_what_to_change():
-    with pytest.raises(ValueError, match="use --batch-size 10 or less"):
+    with pytest.raises(UserError, match="use --batch-size 10 or less"):
         UniqueClassSampler().batches(400, LABELS, 16, 0, 0)
-    with pytest.raises(ValueError, match="needs labels"):
+    with pytest.raises(UserError, match="needs labels"):
         UniqueClassSampler().batches(400, None, 8, 0, 0)
 
 
