@@ -15,3 +15,4 @@ def register_losses(register):
     register("vicreg", "plugins.losses.vicreg:VICReg", needs={"views"})
     register("moco", "plugins.losses.moco:MoCo", needs={"views"})
     register("byol", "plugins.losses.byol:BYOL", needs={"views"})
+    register("simsiam", "plugins.losses.simsiam:SimSiam", needs={"views"})

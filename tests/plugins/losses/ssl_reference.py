@@ -115,7 +115,8 @@ def _run(name: str, options: dict[str, Any], n: int, steps: int, shard: tuple[in
                         dist.all_reduce(grad)
                         grad /= shard[1]
                     p -= 0.5 * grad
-        loss.after_step()
+        if hasattr(loss, "after_step"):
+            loss.after_step()
         out["losses"].append(float(value.detach()))
     out["grads"] = {k: p.grad.clone() for k, p in [*tower.named_parameters(), *loss.named_parameters()]
                     if p.grad is not None}
