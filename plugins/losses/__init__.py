@@ -16,3 +16,4 @@ def register_losses(register):
     register("moco", "plugins.losses.moco:MoCo", needs={"views"})
     register("byol", "plugins.losses.byol:BYOL", needs={"views"})
     register("simsiam", "plugins.losses.simsiam:SimSiam", needs={"views"})
+    register("swav", "plugins.losses.swav:SwAV", needs={"views"})
