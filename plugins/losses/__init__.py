@@ -17,3 +17,4 @@ def register_losses(register):
     register("byol", "plugins.losses.byol:BYOL", needs={"views"})
     register("simsiam", "plugins.losses.simsiam:SimSiam", needs={"views"})
     register("swav", "plugins.losses.swav:SwAV", needs={"views"})
+    register("dino", "plugins.losses.dino:DINO", needs={"views"})
