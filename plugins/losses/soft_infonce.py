@@ -1,0 +1,65 @@
+"""InfoNCE with continuously weighted targets, CWCL (Srinivasa et al. 2023)."""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from orchestrator.distributed import gather, gather_with_grad
+
+
+def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean over rows of ``-sum_j targets_ij log softmax(logits_i)_j``, each row of ``targets`` summing to 1."""
+    return -(targets * F.log_softmax(logits, dim=-1)).sum(dim=-1).mean()
+
+
+class SoftInfoNCE(nn.Module):
+    """Symmetric image-text InfoNCE whose targets are weighted by intra-modal similarity (CWCL).
+
+    Srinivasa et al. 2023, "CWCL: Cross-Modal Transfer with Continuously Weighted Contrastive Loss": the
+    one-hot target of InfoNCE becomes ``w_ij = (q_i.q_j + 1) / 2``, the cosine similarity of the embeddings
+    of samples i and j in one modality (``weights``: ``text``, the paper's choice when the text tower is a
+    pretrained, frozen one; or ``image``), detached, then normalised to sum to 1 per row. Pairs that look
+    alike in that modality are then not pushed apart as hard negatives. The same targets serve both
+    directions (``w`` is symmetric). With ``w = I`` it is InfoNCE (CLIP). The temperature is learnable as in
+    ``infonce`` (start ``temperature``, ``logit_scale`` clamped to ln ``max_logit_scale`` after each step).
+    Each rank scores its B rows against the B x world columns of every rank: exact across ranks.
+    """
+
+    def __init__(self, weights: Literal["text", "image"] = "text", temperature: float = 0.07,
+                 learnable: bool = True, max_logit_scale: float = 100.0) -> None:
+        super().__init__()
+        if weights not in ("text", "image"):
+            raise ValueError(f"weights must be 'text' or 'image', not {weights!r}")
+        if temperature <= 0 or max_logit_scale <= 0:
+            raise ValueError("temperature and max_logit_scale must be positive")
+        self.weights = weights
+        self.max_log_scale = math.log(max_logit_scale)
+        self.logit_scale = nn.Parameter(torch.full([1], math.log(1 / temperature)), requires_grad=learnable)
+
+    def targets(self, image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """``[B, B x world]`` row-normalised CWCL weights from the (unit-norm) embeddings of ``weights``."""
+        q = (text if self.weights == "text" else image).detach()
+        w = (q @ gather(q).T + 1) / 2
+        return w / w.sum(dim=-1, keepdim=True)
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        image, text = batch["image"], batch["text"]
+        dtype = torch.promote_types(image.dtype, torch.float32)
+        with torch.autocast(image.device.type, enabled=False):
+            image = F.normalize(image.to(dtype), dim=-1)
+            text = F.normalize(text.to(dtype), dim=-1)
+            scale = self.logit_scale.to(dtype).exp()
+            targets = self.targets(image, text)
+            loss = (soft_cross_entropy(scale * image @ gather_with_grad(text).T, targets)
+                    + soft_cross_entropy(scale * text @ gather_with_grad(image).T, targets)) / 2
+        return {"loss": loss, "logit_scale": scale.detach().reshape(())}
+
+    @torch.no_grad()
+    def after_step(self) -> None:
+        """Clamp the learned scale to at most ``max_logit_scale`` (open_clip), in place."""
+        self.logit_scale.data.clamp_(max=self.max_log_scale)
