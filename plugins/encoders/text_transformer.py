@@ -62,13 +62,22 @@ class TextTransformer(nn.Module):
         """The captions back from token ids (a multi-byte character cut by truncation is dropped)."""
         return [bytes(t for t in row if t < 256).decode("utf-8", errors="ignore") for row in tokens.tolist()]
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+    def _trunk(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[B, T, width]`` features after the final LayerNorm, and the ``[B, T]`` mask of non-PAD tokens."""
         x = self.token_embed(tokens) + self.pos_embed[:, : tokens.shape[1]]
         keep = tokens != PAD
         mask = None if self.pool == "eot" else keep[:, None, None, :]  # [B, 1, 1, T]: attend to non-PAD
         for block in self.blocks:
             x = block(x, mask=mask, causal=self.pool == "eot")
-        x = self.ln_final(x)
+        return self.ln_final(x), keep
+
+    def forward_tokens(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The projected token features ``[B, T, embed_dim]`` (FILIP: Yao et al. 2022) and the non-PAD mask."""
+        x, keep = self._trunk(tokens)
+        return self.proj(x), keep
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        x, keep = self._trunk(tokens)
         if self.pool == "eot":
             x = x[torch.arange(x.shape[0], device=x.device), (tokens == EOS).int().argmax(dim=1)]
         else:

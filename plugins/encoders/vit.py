@@ -123,7 +123,8 @@ class VisionTransformer(nn.Module):
             v2.Normalize([MEAN] * in_channels, [STD] * in_channels),
         ])
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def _trunk(self, images: torch.Tensor) -> torch.Tensor:
+        """``[B, tokens, width]``: the class token (with ``pool="cls"``) and the patch tokens after the blocks."""
         images = images.to(self.patch_embed.weight.dtype)  # fp32 pixels into a bf16/fp16 engine
         x = self.patch_embed(images).flatten(2).transpose(1, 2)  # [B, N, width]
         if self.cls_token is not None:
@@ -131,5 +132,15 @@ class VisionTransformer(nn.Module):
         x = self.ln_pre(x + self.pos_embed.to(x.dtype))
         for block in self.blocks:
             x = block(x)
+        return x
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = self._trunk(images)
         x = self.ln_post(x[:, 0] if self.pool == "cls" else x.mean(dim=1))
         return self.proj(x)
+
+    def forward_tokens(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The projected patch tokens ``[B, N, embed_dim]`` (FILIP: Yao et al. 2022) and an all-True mask."""
+        x = self._trunk(images)
+        tokens = self.proj(self.ln_post(x[:, 1:] if self.cls_token is not None else x))
+        return tokens, torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)

@@ -1,0 +1,125 @@
+"""One transformer shared by the image and the text modality, MS-CLIP (You et al. 2022)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.transforms import v2
+
+from plugins.encoders.text_transformer import EOS, VOCAB, TextTransformer
+from plugins.encoders.vit import MEAN, STD, Block, ToChannels, init_blocks, trunc_normal_
+
+MODALITIES = ("image", "text")
+
+
+class SharedBlock(Block):
+    """A pre-LN block whose attention and MLP serve both modalities, with one pair of LayerNorms per modality
+    (MS-CLIP's best sharing: everything but the LayerNorms)."""
+
+    def __init__(self, width: int, heads: int, mlp_ratio: float = 4.0) -> None:
+        super().__init__(width, heads, mlp_ratio)
+        del self.ln_1, self.ln_2
+        self.norms = nn.ModuleDict({m: nn.ModuleList([nn.LayerNorm(width), nn.LayerNorm(width)]) for m in MODALITIES})
+
+    def forward(self, x: torch.Tensor, modality: str, causal: bool = False) -> torch.Tensor:  # type: ignore[override]
+        ln_1, ln_2 = self.norms[modality]
+        b, t, w = x.shape
+        q, k, v = self.qkv(ln_1(x)).view(b, t, 3, self.heads, w // self.heads).unbind(2)
+        a = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=causal)
+        x = x + self.out(a.transpose(1, 2).reshape(b, t, w))
+        return x + self.mlp(ln_2(x))
+
+
+class MSCLIP(nn.Module):
+    """A modality-shared transformer for image and text (MS-CLIP), with a tunable number of shared layers.
+
+    You et al. 2022, "Learning Visual Representation from Modality-Shared Contrastive Language-Image
+    Pre-training". Images are cut into patches and embedded as in ``vit``; captions are UTF-8 bytes embedded
+    as in ``text-transformer`` (same tokenizer). Each modality has its own embeddings, positions, LayerNorms
+    and projection; of the ``depth`` blocks, the last ``shared_layers`` (all by default: the paper's
+    "share everything but LayerNorms") have one set of attention and MLP weights for both modalities, the
+    first ``depth - shared_layers`` are modality-specific, which spans the spectrum from one shared tower
+    (``shared_layers=depth``) to two separate towers (``shared_layers=0``). Specific layers come first
+    because low-level features differ most between pixels and bytes. Images attend both ways and are pooled
+    by ``pool`` (``mean`` of the patch tokens or a ``cls`` token); text is causal and read at its end-of-text
+    token, as in CLIP. ``forward(x, modality="image" | "text")``.
+    """
+
+    def __init__(
+        self,
+        image_size: int = 28,
+        patch_size: int = 7,
+        in_channels: int = 3,
+        width: int = 128,
+        depth: int = 4,
+        heads: int = 4,
+        mlp_ratio: float = 4.0,
+        embed_dim: int = 128,
+        shared_layers: int | None = None,
+        pool: Literal["cls", "mean"] = "mean",
+        context_length: int = 32,
+    ) -> None:
+        super().__init__()
+        shared = depth if shared_layers is None else shared_layers
+        if not 0 <= shared <= depth:
+            raise ValueError(f"shared_layers must be between 0 and depth={depth}, not {shared}")
+        if image_size % patch_size:
+            raise ValueError(f"image_size {image_size} is not divisible by patch_size {patch_size}")
+        if pool not in ("cls", "mean"):
+            raise ValueError(f"pool must be 'cls' or 'mean', not {pool!r}")
+        if context_length < 2:
+            raise ValueError("context_length must leave room for BOS and EOS")
+        self.embed_dim, self.pool, self.context_length = embed_dim, pool, context_length
+        self.patch_embed = nn.Conv2d(in_channels, width, patch_size, stride=patch_size, bias=False)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, width)) if pool == "cls" else None
+        self.image_pos = nn.Parameter(torch.zeros(1, (image_size // patch_size) ** 2 + (pool == "cls"), width))
+        self.ln_pre = nn.LayerNorm(width)
+        self.token_embed = nn.Embedding(VOCAB, width)
+        self.text_pos = nn.Parameter(torch.zeros(1, context_length, width))
+        self.specific_blocks = nn.ModuleDict(
+            {m: nn.ModuleList(Block(width, heads, mlp_ratio) for _ in range(depth - shared)) for m in MODALITIES})
+        self.shared_blocks = nn.ModuleList(SharedBlock(width, heads, mlp_ratio) for _ in range(shared))
+        self.ln_final = nn.ModuleDict({m: nn.LayerNorm(width) for m in MODALITIES})
+        self.proj = nn.ModuleDict({m: nn.Linear(width, embed_dim, bias=False) for m in MODALITIES})
+        # CLIP's initialisation, as in vit and text-transformer; residual projections scaled by the full depth.
+        trunc_normal_(self.patch_embed.weight, (in_channels * patch_size**2) ** -0.5)
+        for p in (self.image_pos, self.cls_token, self.proj["image"].weight, self.proj["text"].weight):
+            if p is not None:
+                trunc_normal_(p, width**-0.5)
+        trunc_normal_(self.token_embed.weight, 0.02)
+        trunc_normal_(self.text_pos, 0.01)
+        for m in MODALITIES:
+            init_blocks(nn.ModuleList([*self.specific_blocks[m], *self.shared_blocks]), width)
+        self.transform = v2.Compose([
+            ToChannels(in_channels),
+            v2.Resize((image_size, image_size), antialias=True),
+            v2.Normalize([MEAN] * in_channels, [STD] * in_channels),
+        ])
+
+    tokenize = TextTransformer.tokenize  # BOS, UTF-8 bytes, EOS, PAD to context_length
+
+    def forward(self, x: torch.Tensor, *, modality: Literal["image", "text"]) -> torch.Tensor:
+        if modality == "image":
+            images = x.to(self.patch_embed.weight.dtype)  # fp32 pixels into a bf16/fp16 engine
+            h = self.patch_embed(images).flatten(2).transpose(1, 2)  # [B, N, width]
+            if self.cls_token is not None:
+                h = torch.cat([self.cls_token.expand(h.shape[0], -1, -1).to(h.dtype), h], dim=1)
+            h = self.ln_pre(h + self.image_pos.to(h.dtype))
+        elif modality == "text":
+            h = self.token_embed(x) + self.text_pos[:, : x.shape[1]]
+        else:
+            raise ValueError(f"modality must be 'image' or 'text', not {modality!r}")
+        causal = modality == "text"
+        for block in self.specific_blocks[modality]:
+            h = block(h, causal=causal)
+        for block in self.shared_blocks:
+            h = block(h, modality, causal=causal)
+        h = self.ln_final[modality](h)
+        if modality == "text":
+            h = h[torch.arange(h.shape[0], device=h.device), (x == EOS).int().argmax(dim=1)]
+        else:
+            h = h[:, 0] if self.pool == "cls" else h.mean(dim=1)
+        return self.proj[modality](h)
