@@ -1,11 +1,12 @@
 """Built-in encoders: a small ViT image tower, a byte-level CLIP-style text tower, a local transformers text
-model and a modality-shared MS-CLIP tower."""
+model, a modality-shared MS-CLIP tower, and torchvision's ResNet and ConvNeXt (random init)."""
 
 from pathlib import Path
 from typing import Any
 
 from orchestrator import hookimpl
 from orchestrator.errors import UserError
+from plugins.encoders.options import resolve_convnext, resolve_resnet, resolve_text_transformer, resolve_vit
 
 _HF_HOW = "give --text-encoder hf-text:path=/path/to/model (a folder saved by transformers' save_pretrained)"
 
@@ -30,7 +31,10 @@ def _hf_text_path(options: dict[str, Any]) -> dict[str, Any]:
 
 @hookimpl
 def register_encoders(register):
-    register("vit", "plugins.encoders.vit:VisionTransformer", modality="image", tokens=True)
-    register("text-transformer", "plugins.encoders.text_transformer:TextTransformer", modality="text", tokens=True)
+    register("vit", "plugins.encoders.vit:VisionTransformer", modality="image", tokens=True, resolve=resolve_vit)
+    register("text-transformer", "plugins.encoders.text_transformer:TextTransformer", modality="text", tokens=True,
+             resolve=resolve_text_transformer)
+    register("resnet", "plugins.encoders.resnet:ResNet", modality="image", resolve=resolve_resnet)
+    register("convnext", "plugins.encoders.convnext:ConvNeXt", modality="image", resolve=resolve_convnext)
     register("hf-text", "plugins.encoders.hf_text:HFText", modality="text", resolve=_hf_text_path)
     register("ms-clip", "plugins.encoders.ms_clip:MSCLIP", modality="both")

@@ -7,6 +7,9 @@ from typing import Literal
 import torch
 from torch import nn
 
+from plugins.encoders.checkpointing import run_block
+from plugins.encoders.heads import make_head
+from plugins.encoders.options import nested_dims as checked_nested_dims
 from plugins.encoders.vit import Block, init_blocks, trunc_normal_
 
 PAD, BOS, EOS = 256, 257, 258  # token ids 0..255 are the UTF-8 bytes
@@ -21,6 +24,8 @@ class TextTransformer(nn.Module):
     ``pool="eot"`` is CLIP's choice (causal mask, the features at the end-of-text token);
     ``pool="mean"`` attends both ways and averages the non-padding tokens. A caption is ``BOS``, its
     bytes, ``EOS``, then padding to ``context_length``; longer captions are truncated before ``EOS``.
+    ``head``, ``head_layers``, ``head_hidden``, ``head_norm``: the projection head (``plugins.encoders.heads``;
+    the default is CLIP's bias-free linear map). ``nested_dims``: Matryoshka widths (Kusupati et al. 2022).
     """
 
     def __init__(
@@ -32,6 +37,11 @@ class TextTransformer(nn.Module):
         context_length: int = 32,
         embed_dim: int = 128,
         pool: Literal["eot", "mean"] = "eot",
+        head: Literal["linear", "mlp", "none"] = "linear",
+        head_layers: int = 2,
+        head_hidden: int | None = None,
+        head_norm: Literal["batch", "layer", "none"] = "batch",
+        nested_dims: tuple[int, ...] = (),
     ) -> None:
         super().__init__()
         if context_length < 2:
@@ -39,15 +49,22 @@ class TextTransformer(nn.Module):
         if pool not in ("eot", "mean"):
             raise ValueError(f"pool must be 'eot' or 'mean', not {pool!r}")
         self.embed_dim, self.context_length, self.pool = embed_dim, context_length, pool
+        self.nested_dims = checked_nested_dims(nested_dims, embed_dim)
+        self.grad_checkpointing = False
         self.token_embed = nn.Embedding(VOCAB, width)
         self.pos_embed = nn.Parameter(torch.zeros(1, context_length, width))
         self.blocks = nn.ModuleList(Block(width, heads, mlp_ratio) for _ in range(depth))
         self.ln_final = nn.LayerNorm(width)
-        self.proj = nn.Linear(width, embed_dim, bias=False)
+        self.proj = make_head(head, width, embed_dim, head_layers, head_hidden, head_norm)
         trunc_normal_(self.token_embed.weight, 0.02)  # CLIP
         trunc_normal_(self.pos_embed, 0.01)
-        trunc_normal_(self.proj.weight, width**-0.5)
+        if head == "linear":
+            trunc_normal_(self.proj.weight, width**-0.5)
         init_blocks(self.blocks, width)
+
+    def set_grad_checkpointing(self, enabled: bool = True) -> None:
+        """Recompute each block's activations in the backward pass (``plugins.encoders.checkpointing``)."""
+        self.grad_checkpointing = enabled
 
     def tokenize(self, texts: list[str]) -> torch.Tensor:
         """``[len(texts), context_length]`` token ids: BOS, UTF-8 bytes (truncated), EOS, PAD..."""
@@ -68,7 +85,7 @@ class TextTransformer(nn.Module):
         keep = tokens != PAD
         mask = None if self.pool == "eot" else keep[:, None, None, :]  # [B, 1, 1, T]: attend to non-PAD
         for block in self.blocks:
-            x = block(x, mask=mask, causal=self.pool == "eot")
+            x = run_block(block, self.grad_checkpointing, x, mask=mask, causal=self.pool == "eot")
         return self.ln_final(x), keep
 
     def forward_tokens(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -9,6 +9,11 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.transforms import v2
 
+from plugins.encoders.checkpointing import run_block
+from plugins.encoders.heads import make_head
+from plugins.encoders.options import nested_dims as checked_nested_dims
+from plugins.encoders.options import vit_shape
+
 # [0, 1] -> [-1, 1], per channel: dataset-agnostic (big_vision / SigLIP "value_range(-1, 1)").
 MEAN, STD = 0.5, 0.5
 
@@ -31,6 +36,16 @@ class ToChannels:
 
     def __repr__(self) -> str:
         return f"ToChannels({self.channels})"
+
+
+def image_transform(image_size: int, in_channels: int) -> v2.Compose:
+    """An image encoder's preprocessing: ``in_channels`` channels, resized to ``image_size`` squared,
+    mapped from [0, 1] to [-1, 1]."""
+    return v2.Compose([
+        ToChannels(in_channels),
+        v2.Resize((image_size, image_size), antialias=True),
+        v2.Normalize([MEAN] * in_channels, [STD] * in_channels),
+    ])
 
 
 class Block(nn.Module):
@@ -83,6 +98,12 @@ class VisionTransformer(nn.Module):
     pooled from a class token (``pool="cls"``) or the mean of the patch tokens (``pool="mean"``).
     Defaults: 7x7 patches (16 tokens on 28x28 digits) trained CLIP-style on MNIST to a higher zero-shot
     accuracy in a third of the time of 4x4 patches (49 tokens) in a fixed 300-step budget.
+
+    ``size`` picks a standard shape instead of ``width``/``depth``/``heads`` (``custom``): ViT-Ti 192/12/3
+    and ViT-S 384/12/6 (Touvron et al. 2021, DeiT), ViT-B 768/12/12 and ViT-L 1024/24/16 (Dosovitskiy et
+    al.); ``patch_size`` stays an option. ``head``, ``head_layers``, ``head_hidden``, ``head_norm``: the
+    projection head (``plugins.encoders.heads``; the default is CLIP's bias-free linear map).
+    ``nested_dims``: Matryoshka widths (Kusupati et al. 2022), the loss is also computed on these prefixes.
     """
 
     def __init__(
@@ -96,14 +117,23 @@ class VisionTransformer(nn.Module):
         embed_dim: int = 128,
         pool: Literal["cls", "mean"] = "mean",
         in_channels: int = 3,
+        size: Literal["custom", "tiny", "small", "base", "large"] = "custom",
+        head: Literal["linear", "mlp", "none"] = "linear",
+        head_layers: int = 2,
+        head_hidden: int | None = None,
+        head_norm: Literal["batch", "layer", "none"] = "batch",
+        nested_dims: tuple[int, ...] = (),
     ) -> None:
         super().__init__()
+        width, depth, heads = vit_shape(size, width, depth, heads)
         if image_size % patch_size:
             raise ValueError(f"image_size {image_size} is not divisible by patch_size {patch_size}")
         if pool not in ("cls", "mean"):
             raise ValueError(f"pool must be 'cls' or 'mean', not {pool!r}")
         self.embed_dim, self.pool = embed_dim, pool
         self.image_size, self.in_channels = image_size, in_channels
+        self.nested_dims = checked_nested_dims(nested_dims, embed_dim)
+        self.grad_checkpointing = False
         self.patch_embed = nn.Conv2d(in_channels, width, patch_size, stride=patch_size, bias=False)
         tokens = (image_size // patch_size) ** 2 + (pool == "cls")
         self.cls_token = nn.Parameter(torch.zeros(1, 1, width)) if pool == "cls" else None
@@ -111,17 +141,17 @@ class VisionTransformer(nn.Module):
         self.ln_pre = nn.LayerNorm(width)
         self.blocks = nn.ModuleList(Block(width, heads, mlp_ratio) for _ in range(depth))
         self.ln_post = nn.LayerNorm(width)
-        self.proj = nn.Linear(width, embed_dim, bias=False)
+        self.proj = make_head(head, width, embed_dim, head_layers, head_hidden, head_norm)
         trunc_normal_(self.patch_embed.weight, (in_channels * patch_size**2) ** -0.5)
-        for p in (self.pos_embed, self.cls_token, self.proj.weight):
+        for p in (self.pos_embed, self.cls_token, self.proj.weight if head == "linear" else None):
             if p is not None:
                 trunc_normal_(p, width**-0.5)  # CLIP
         init_blocks(self.blocks, width)
-        self.transform = v2.Compose([
-            ToChannels(in_channels),
-            v2.Resize((image_size, image_size), antialias=True),
-            v2.Normalize([MEAN] * in_channels, [STD] * in_channels),
-        ])
+        self.transform = image_transform(image_size, in_channels)
+
+    def set_grad_checkpointing(self, enabled: bool = True) -> None:
+        """Recompute each block's activations in the backward pass (``plugins.encoders.checkpointing``)."""
+        self.grad_checkpointing = enabled
 
     def _trunk(self, images: torch.Tensor) -> torch.Tensor:
         """``[B, tokens, width]``: the class token (with ``pool="cls"``) and the patch tokens after the blocks."""
@@ -131,7 +161,7 @@ class VisionTransformer(nn.Module):
             x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)
         x = self.ln_pre(x + self.pos_embed.to(x.dtype))
         for block in self.blocks:
-            x = block(x)
+            x = run_block(block, self.grad_checkpointing, x)
         return x
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:

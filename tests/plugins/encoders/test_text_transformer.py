@@ -94,4 +94,36 @@ def test_registration_imports_no_torch_and_declares_the_tower():
     tower = Registry.load().get("encoder", "text-transformer")
     assert tower.declared["modality"] == "text"
     assert {o.name: o.default for o in tower.options} == {"width": 128, "depth": 2, "heads": 4, "mlp_ratio": 4.0,
-                                                         "context_length": 32, "embed_dim": 128, "pool": "eot"}
+                                                         "context_length": 32, "embed_dim": 128, "pool": "eot",
+                                                         "head": "linear", "head_layers": 2, "head_hidden": None,
+                                                         "head_norm": "batch", "nested_dims": ()}
+
+
+@pytest.mark.parametrize(("head", "embed_dim"), [("linear", 16), ("mlp", 24), ("none", 32)])
+def test_output_shape_per_head_and_nested_dims(head, embed_dim):
+    enc = TextTransformer(**{**SMALL, "embed_dim": embed_dim}, head=head, nested_dims=(8,))
+    assert enc(enc.tokenize(["a", "bc", "def"])).shape == (3, embed_dim) and enc.nested_dims == (8, embed_dim)
+
+
+def test_bad_heads_and_nested_dims_are_refused():
+    with pytest.raises(ValueError, match="set embed_dim=32"):
+        TextTransformer(**SMALL, head="none")
+    with pytest.raises(ValueError, match="strictly increasing"):
+        TextTransformer(**SMALL, nested_dims=(8, 4))
+
+
+@pytest.mark.parametrize("pool", ["eot", "mean"])
+def test_grad_checkpointing_gives_the_same_outputs_and_gradients(pool):
+    enc = TextTransformer(pool=pool, **SMALL)
+    tokens = enc.tokenize(["a handwritten four", "the number 2", "7"])
+    results = []
+    for enabled in (False, True):
+        enc.zero_grad(set_to_none=True)
+        enc.set_grad_checkpointing(enabled)
+        out = enc(tokens)
+        out.pow(2).sum().backward()
+        results.append((out.detach(), {k: p.grad.clone() for k, p in enc.named_parameters()}))
+    (out_a, grads_a), (out_b, grads_b) = results
+    torch.testing.assert_close(out_b, out_a, rtol=0, atol=1e-6)
+    for key in grads_a:
+        torch.testing.assert_close(grads_b[key], grads_a[key], rtol=0, atol=1e-6, msg=key)

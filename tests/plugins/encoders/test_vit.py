@@ -102,4 +102,67 @@ def test_registration_imports_no_torch_and_declares_the_tower():
     vit = Registry.load().get("encoder", "vit")
     assert vit.declared["modality"] == "image"
     assert [o.name for o in vit.options] == ["image_size", "patch_size", "width", "depth", "heads", "mlp_ratio",
-                                             "embed_dim", "pool", "in_channels"]
+                                             "embed_dim", "pool", "in_channels", "size", "head", "head_layers",
+                                             "head_hidden", "head_norm", "nested_dims"]
+
+
+def test_size_presets_give_the_documented_shapes():
+    tiny = VisionTransformer(size="tiny")
+    with torch.device("meta"):  # shapes only: ViT-S takes long to initialise on a busy CPU
+        small, custom = VisionTransformer(size="small"), VisionTransformer(width=64, depth=3, heads=2)
+    for enc, shape in ((tiny, (192, 12, 3)), (small, (384, 12, 6)), (custom, (64, 3, 2))):
+        assert (enc.pos_embed.shape[-1], len(enc.blocks), enc.blocks[0].heads) == shape
+    assert tiny(torch.rand(2, 3, 28, 28)).shape == (2, 128)
+
+
+def vit_parameters(width: int, depth: int, image_size: int, patch: int, channels: int = 3) -> int:
+    """Patch embedding (no bias), positions, class token, ln_pre, blocks (qkv, out, 2 LayerNorms, MLP 4x),
+    ln_post; no projection (head=none)."""
+    tokens = (image_size // patch) ** 2 + 1
+    return channels * patch**2 * width + tokens * width + width + 2 * width + depth * (12 * width**2 + 13 * width) \
+        + 2 * width
+
+
+@pytest.mark.parametrize(("size", "width", "depth", "paper"), [("base", 768, 12, 86e6), ("large", 1024, 24, 307e6)])
+def test_base_and_large_parameter_counts(size, width, depth, paper):
+    with torch.device("meta"):  # no memory, no init, no forward: ViT-B/L are slow on CPU
+        enc = VisionTransformer(size=size, image_size=224, patch_size=16, pool="cls", head="none", embed_dim=width)
+    count = sum(p.numel() for p in enc.parameters())
+    assert count == vit_parameters(width, depth, 224, 16)
+    assert abs(count - paper) / paper < 0.015  # Dosovitskiy et al. 2021, Table 1: 86M and 307M
+
+
+@pytest.mark.parametrize(("head", "embed_dim"), [("linear", 16), ("mlp", 24), ("none", 32)])
+def test_output_shape_per_head(head, embed_dim):
+    enc = VisionTransformer(**{**SMALL, "embed_dim": embed_dim}, head=head, head_layers=3)
+    assert enc(torch.rand(3, 3, 28, 28)).shape == (3, embed_dim)
+    assert sum(isinstance(m, torch.nn.Linear) for m in enc.proj.modules()) == {"linear": 1, "mlp": 3, "none": 0}[head]
+
+
+def test_default_head_is_clips_bias_free_projection():
+    enc = VisionTransformer(**SMALL)
+    assert list(enc.state_dict())[-1] == "proj.weight" and enc.proj.bias is None and enc.nested_dims == ()
+
+
+def test_nested_dims():
+    assert VisionTransformer(**SMALL, nested_dims=(4, 8)).nested_dims == (4, 8, 16)
+    with pytest.raises(ValueError, match="beyond embed_dim=16"):
+        VisionTransformer(**SMALL, nested_dims=(8, 32))
+    with pytest.raises(ValueError, match="size=small sets width=384"):
+        VisionTransformer(size="small", width=256)
+
+
+@pytest.mark.parametrize("head", ["linear", "mlp"])
+def test_grad_checkpointing_gives_the_same_outputs_and_gradients(head):
+    enc, x = VisionTransformer(**SMALL, head=head, pool="cls"), torch.rand(4, 3, 28, 28)
+    results = []
+    for enabled in (False, True):
+        enc.zero_grad(set_to_none=True)
+        enc.set_grad_checkpointing(enabled)
+        out = enc(x)
+        out.pow(2).sum().backward()
+        results.append((out.detach(), {k: p.grad.clone() for k, p in enc.named_parameters()}))
+    (out_a, grads_a), (out_b, grads_b) = results
+    torch.testing.assert_close(out_b, out_a, rtol=0, atol=1e-6)
+    for key in grads_a:
+        torch.testing.assert_close(grads_b[key], grads_a[key], rtol=0, atol=1e-6, msg=key)
