@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from orchestrator.errors import UserError
 from orchestrator.registry import Component, Registry
 
 
@@ -100,6 +101,10 @@ def build(registry: Registry, spec: dict[str, Any]) -> Composition:
     text_encoder = build_component(registry, "encoder", spec["text_encoder"]) if spec["text_encoder"] else None
     if shared:
         text_encoder = image_encoder
+    nested, text_nested = getattr(image_encoder, "nested_dims", ()), getattr(text_encoder, "nested_dims", ())
+    if text_nested and tuple(text_nested) != tuple(nested):
+        raise UserError(f"the text encoder's nested_dims {tuple(text_nested)} differ from the image encoder's "
+                        f"{tuple(nested)}: the loss is taken on the same prefixes of both, so give both the same")
     loss_component = registry.get("loss", spec["loss"]["name"])
     loss = build_component(registry, "loss", spec["loss"])
     if hasattr(loss, "bind"):  # momentum encoders and EMA teachers copy the image tower
