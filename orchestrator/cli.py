@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import sys
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 import click
@@ -130,12 +131,24 @@ def run(ctx: click.Context, quiet: bool, lease: float, **kwargs: Any) -> None:
               help="seconds a run stays ours without a heartbeat")
 @click.option("--poll", default=5.0, type=click.FloatRange(min=0.1), show_default=True, help="seconds between polls")
 @click.option("--quiet", is_flag=True, help="no progress bar")
+@click.option("--gpus", default=None, metavar="N|all",
+              help="GPUs this worker uses (default: every visible one; on a CPU-only machine, any number of gloo "
+                   "processes); runs queued with --gpus all get them all")
+@click.option("--hostfile", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="DeepSpeed hostfile ('HOST slots=N' lines, this machine first): runs asking for --gpus all (or "
+                   "for every slot) train across these machines, launched by DeepSpeed's runner over pdsh/ssh")
+@click.option("--master-addr", default=None, metavar="ADDR",
+              help="with --hostfile: the address the other hosts reach this machine at (default: DeepSpeed asks "
+                   "the first host for `hostname -I`)")
 @click.pass_context
-def worker(ctx: click.Context, once: bool, forever: bool, lease: float, poll: float, quiet: bool) -> None:
+def worker(ctx: click.Context, once: bool, forever: bool, lease: float, poll: float, quiet: bool, gpus: str | None,
+           hostfile: Path | None, master_addr: str | None) -> None:
     """Claim queued runs and execute them (resuming runs whose worker died)."""
+    from orchestrator.launch import parse_gpus
     from orchestrator.worker import Worker, runs_dir
 
-    w = Worker(_store(ctx), runs_dir(ctx.obj["runs_dir"]), lease_seconds=lease, quiet=quiet, echo=click.echo)
+    w = Worker(_store(ctx), runs_dir(ctx.obj["runs_dir"]), lease_seconds=lease, quiet=quiet, echo=click.echo,
+               gpus=parse_gpus(gpus) if gpus is not None else None, hostfile=hostfile, master_addr=master_addr)
     done = w.loop(once=once, forever=forever, poll_seconds=poll)
     click.echo(f"worker {w.id}: executed {done} run(s); the queue is empty" if not once else
                f"worker {w.id}: executed {done} run(s)")

@@ -9,10 +9,12 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -22,6 +24,7 @@ from sqlalchemy.exc import DBAPIError
 
 from orchestrator.engine.checkpoint import verify
 from orchestrator.errors import UserError
+from orchestrator.launch import Gpus, command, is_this_machine, plan, read_hostfile, worker_devices
 from orchestrator.registry import Registry
 from orchestrator.runinfo import RunInfo
 from orchestrator.store import STORE_ENV, Claim, Fenced, Store
@@ -43,8 +46,16 @@ def worker_id() -> str:
 
 class Worker:
     def __init__(self, store: Store, root: Path, lease_seconds: float = 60.0, quiet: bool = False,
-                 echo: Callable[[str], None] = print) -> None:
+                 echo: Callable[[str], None] = print, gpus: Gpus | None = None, hostfile: Path | None = None,
+                 master_addr: str | None = None) -> None:
         self.store, self.root, self.lease, self.quiet, self.echo = store, root, lease_seconds, quiet, echo
+        self.devices = worker_devices(gpus)  # checked before claiming anything: a wrong --gpus is one line
+        self.hostfile = hostfile.absolute() if hostfile else None
+        self.hosts = read_hostfile(self.hostfile) if self.hostfile else None
+        self.master_addr = master_addr
+        if self.hosts and not is_this_machine(self.hosts[0][0]):
+            echo(f"warning: the first host of {self.hostfile} ({self.hosts[0][0]}) does not look like this machine: "
+                 f"rank 0 runs there and its rendezvous port is picked here; list this machine first")
         self.registry = Registry.load()
         self.id = worker_id()
 
@@ -85,15 +96,22 @@ class Worker:
         resume = f", resuming from step {checkpoint['step']}" if checkpoint else ""
         self.echo(f"run {run['id']} ({run['name']}): attempt {claim.attempt}{resume}; log: {log_path}")
 
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                   f"--nproc-per-node={run['spec']['trainer']['gpus']}",
-                   "-m", "orchestrator.engine.train", "--run-dir", str(run_dir), "--attempt", str(claim.attempt)]
+        trainer = run["spec"]["trainer"]
+        try:
+            launch = plan(trainer["gpus"], trainer["batch_size"], trainer["accum"], self.devices, self.hosts)
+        except UserError as exc:  # this worker cannot run it (too few GPUs): say so, leave nothing half-done
+            status = self.store.end_attempt(claim, "failed", str(exc))
+            self.echo(f"run {run['id']} failed: {exc}")
+            return status
+        train_args = ["--run-dir", str(run_dir), "--attempt", str(claim.attempt)]
         if checkpoint:
-            command += ["--resume-tag", Path(checkpoint["path"]).name]
+            train_args += ["--resume-tag", Path(checkpoint["path"]).name]
         env = {**os.environ, "PYTHONUNBUFFERED": "1", STORE_ENV: self.store.url}  # not argv: ps shows argv
-        with open(log_path, "ab") as log:
-            proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                    preexec_fn=_die_with_parent, cwd=os.getcwd())
+        with open(log_path, "ab") as log, _ExportFile(env, launch.multi_node) as exports:
+            argv = command(launch, train_args, self.hostfile, _free_port() if launch.multi_node else None,
+                           self.master_addr)
+            proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=exports.env,
+                                    preexec_fn=_die_with_parent, cwd=os.getcwd(), start_new_session=launch.multi_node)
             held = self._follow(proc, claim, run)
         return self._finish(proc.returncode, held, claim, run, log_path)
 
@@ -208,6 +226,35 @@ class _ProgressBar:
             self.bar.stop()
 
 
+class _ExportFile:
+    """For DeepSpeed's multi-node runner: the ``ORCH_*`` variables (the store URL among them) in a private
+    ``DS_ENV_FILE`` that the runner exports on every host (it forwards only NCCL_*, PYTHON*, MLFLOW_* and a
+    few others by itself); removed when the attempt ends. Nothing to do for torchrun on this machine."""
+
+    def __init__(self, env: dict[str, str], needed: bool) -> None:
+        self.env, self.needed, self.folder = env, needed, None
+
+    def __enter__(self) -> _ExportFile:
+        if self.needed:
+            self.folder = Path(tempfile.mkdtemp(prefix="orch-env-"))  # mode 0700: the URL may hold a password
+            path = self.folder / "deepspeed_env"
+            lines = [f"{k}={v}" for k, v in sorted(self.env.items()) if k.startswith("ORCH_") and "\n" not in v]
+            path.write_text("\n".join(lines) + "\n")
+            path.chmod(0o600)
+            self.env = {**self.env, "DS_ENV_FILE": str(path)}
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.folder:
+            shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
 def _write_json(path: Path, data: Any) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
@@ -225,7 +272,10 @@ def _crash_reason(path: Path) -> str:
 
 
 def _stop(proc: subprocess.Popen) -> None:
-    proc.send_signal(signal.SIGTERM)
+    if os.getpgid(proc.pid) == proc.pid:  # DeepSpeed's runner leads its own group: its launcher goes too
+        os.killpg(proc.pid, signal.SIGTERM)
+    else:
+        proc.send_signal(signal.SIGTERM)
     try:
         proc.wait(timeout=30)
     except subprocess.TimeoutExpired:

@@ -169,7 +169,7 @@ def train(spec: dict[str, Any], registry: Registry, run: RunInfo, store: Store |
                 engine.step()
                 for key, value in out.items():
                     interval[key] = interval.get(key, 0) + value.detach().float() / trainer["accum"]
-            run_after_step(model.loss)  # on the fp32 masters, gathered under ZeRO-3
+            run_after_step(model.loss, engine.optimizer)  # on the fp32 masters, gathered under ZeRO-3
             step, batch_in_epoch, interval_steps = step + 1, batch_in_epoch + 1, interval_steps + 1
 
             logging = step % trainer["log_every"] == 0 or step == trainer["steps"]
