@@ -97,7 +97,8 @@ def _fp32_copies(optimizer: Any) -> dict[int, torch.Tensor]:
     lows, highs = getattr(optimizer, "fp16_groups", None), getattr(optimizer, "fp32_groups", None)
     if not lows or not highs:
         return {}
-    return {id(low): high for low_group, high_group in zip(lows, highs) for low, high in zip(low_group, high_group)}
+    return {id(low): high for low_group, high_group in zip(lows, highs) for low, high in zip(low_group, high_group)
+            if isinstance(high, torch.Tensor) and high.shape == low.shape and not hasattr(low, "ds_id")}
 
 
 def _master(param: nn.Parameter, copies: dict[int, torch.Tensor]) -> torch.Tensor | None:

@@ -207,9 +207,11 @@ def train(spec: dict[str, Any], registry: Registry, run: RunInfo, store: Store |
         epoch, batch_in_epoch = epoch + 1, 0
 
     results = _evaluate(comp, model, device, precision, trainer)
+    # ZeRO-3 partitions the parameters: every rank helps gather them, layer by layer, onto rank 0's CPU
+    full = engine._zero3_consolidated_16bit_state_dict() if trainer["zero"] == 3 else None
     if rank == 0:
         protocols = {name: ev.protocol() for name, ev in comp.evaluators if hasattr(ev, "protocol")}
-        _write_final(run, model, results, protocols)
+        _write_final(run, model, results, protocols, full)
         reporter.log(step, results)
         reporter.close()
         registry.notify("run_ended", run=run, status="finished", error=None)
@@ -393,12 +395,17 @@ def _save(engine: Any, comp: Composition, root: Path, step: int, epoch: int, bat
     dist.barrier()
 
 
-def _write_final(run: RunInfo, model: RunModel, results: dict[str, float], protocols: dict[str, Any]) -> None:
+def _write_final(run: RunInfo, model: RunModel, results: dict[str, float], protocols: dict[str, Any],
+                 full: dict[str, torch.Tensor] | None = None) -> None:
+    """The final weights per part; ``full`` is the run model's gathered state dict under ZeRO-3 (where the
+    modules' own state dicts hold empty partitions)."""
     final = run.weights_path.parent
     final.mkdir(parents=True, exist_ok=True)
-    weights = {"image_encoder": model.image_encoder.state_dict(), "loss": model.loss.state_dict()}
-    if model.text_encoder is not None:
-        weights["text_encoder"] = model.text_encoder.state_dict()
+    parts = ["image_encoder", "loss"] + (["text_encoder"] if model.text_encoder is not None else [])
+    if full is None:
+        weights = {part: getattr(model, part).state_dict() for part in parts}
+    else:
+        weights = {part: {k[len(part) + 1:]: v for k, v in full.items() if k.startswith(part + ".")} for part in parts}
     torch.save(weights, run.weights_path)
     report = {"metrics": results, "protocols": protocols, "spec": run.spec}
     run.eval_report_path.write_text(json.dumps(report, indent=2, default=str))
