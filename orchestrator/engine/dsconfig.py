@@ -25,7 +25,9 @@ def deepspeed_config(trainer: dict[str, Any], world_size: int, precision: str) -
         "wall_clock_breakdown": False,
     }
     if precision == "bf16":
-        config["bf16"] = {"enabled": True}
+        # Autocast with fp32 weights, as an AMP loop, not DeepSpeed's bf16 mode: on one H100 the latter ran
+        # CLIP ViT-B/16 at 0.68x of open_clip's loop (0.41x at ZeRO-1/2), this mode at 1.04x (engineering notes).
+        config["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
     elif precision == "fp16":
         config["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16}
     return config

@@ -12,7 +12,8 @@ def test_batch_is_split_over_ranks_and_accumulation() -> None:
     assert config["gradient_accumulation_steps"] == 2
     assert config["zero_optimization"] == {"stage": 2}
     assert config["gradient_clipping"] == 0.5
-    assert config["bf16"] == {"enabled": True} and "fp16" not in config
+    assert config["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"}  # fp32 weights, as AMP
+    assert "bf16" not in config and "fp16" not in config
 
 
 def test_schedule_warms_up_from_the_first_step_then_decays_to_zero() -> None:

@@ -270,7 +270,7 @@ def test_temperature_clamp_reaches_the_fp32_masters_under_zero_3_with_two_ranks(
     import torch.multiprocessing as mp
 
     configs = [("fp32", 0, True), ("fp32", 1, True), ("fp32", 3, True), ("bf16", 0, True), ("bf16", 2, True),
-               ("bf16", 3, True), ("bf16", 0, False), ("bf16", 3, False)]
+               ("bf16", 3, True), ("bf16", 2, False), ("bf16", 3, False)]
     out = tmp_path / "clamp.json"
     mp.spawn(_clamp_rank, args=(2, _free_port(), str(out), configs), nprocs=2, join=True)
     bound = torch.tensor(10.0).log().item()
@@ -283,7 +283,7 @@ def test_temperature_clamp_reaches_the_fp32_masters_under_zero_3_with_two_ranks(
         assert r["seen"][0] == pytest.approx(1 / 0.07, rel=1e-2), where
         assert all(s <= 10.0 * 1.01 for s in r["seen"][1:]), f"{where}: forward saw {r['seen']}"
         assert r["working"] <= bound + 1e-6, where
-        if (r["precision"], r["zero"]) == ("fp32", 0):  # no master: the module's parameter is the optimizer's
+        if r["zero"] == 0:  # no master (bf16 is autocast over fp32 weights): the parameter is the optimizer's
             assert r["master"] is None, where
         else:
             assert r["master"] <= bound + 1e-6, f"{where}: fp32 master {r['master']} above ln(10)"
