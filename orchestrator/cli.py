@@ -316,14 +316,17 @@ def cancel(ctx: click.Context, run_id: int) -> None:
 
 @cli.command()
 @click.argument("run_id", type=int)
+@click.option("--gpus", type=click.IntRange(1), default=None, metavar="N",
+              help="resume on N training processes instead (GPUs, or gloo processes on the CPU); same global batch")
 @click.pass_context
-def resume(ctx: click.Context, run_id: int) -> None:
+def resume(ctx: click.Context, run_id: int, gpus: int | None) -> None:
     """Queue a failed or cancelled run again; it resumes from its last valid checkpoint."""
     store = _store(ctx)
-    store.resume(run_id)
+    store.resume(run_id, gpus=gpus)
     checkpoint = store.latest_checkpoint(run_id)
     where = f"from step {checkpoint['step']}" if checkpoint else "from the start"
-    click.echo(f"run {run_id} queued again; a worker resumes it {where}")
+    on = f" on {gpus} process(es)" if gpus else ""
+    click.echo(f"run {run_id} queued again; a worker resumes it {where}{on}")
 
 
 @cli.command()

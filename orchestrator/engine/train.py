@@ -30,7 +30,15 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from orchestrator.engine.checkpoint import is_disk_full, write_manifest
+from orchestrator.engine.checkpoint import (
+    UNIVERSAL,
+    is_disk_full,
+    load_rank_state,
+    needs_universal,
+    saved_world_size,
+    universal_checkpoint,
+    write_manifest,
+)
 from orchestrator.engine.compose import Composition, RunModel, build
 from orchestrator.engine.dsconfig import deepspeed_config, effective_precision, warmup_cosine
 from orchestrator.engine.evaluation import EvalContext
@@ -104,20 +112,29 @@ def train(spec: dict[str, Any], registry: Registry, run: RunInfo, store: Store |
     prepare(model, trainer, spec)  # activation checkpointing, torch.compile
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    engine, scheduler = make_engine(model, trainer, device, precision, world)
+    checkpoints = run.run_dir / "checkpoints"
+    universal = bool(resume_tag) and needs_universal(checkpoints / resume_tag, world)  # saved on other ranks
+    engine, scheduler = make_engine(model, trainer, device, precision, world, load_universal=universal)
     rank, world = dist.get_rank(), dist.get_world_size()
     run = dataclasses.replace(run, device=f"{_device_name(device)} x{world} {precision}")
 
-    checkpoints = run.run_dir / "checkpoints"
     step, epoch, batch_in_epoch = 0, 0, 0
     interval: dict[str, torch.Tensor] = {}  # loss sums since the last log, per rank
     interval_steps = 0
     if resume_tag:
-        _, client = engine.load_checkpoint(str(checkpoints), tag=resume_tag)
+        load_dir, tag = checkpoints, resume_tag
+        if universal:  # ZeRO partitioned the optimizer over another number of ranks: convert once, load that
+            if rank == 0:
+                print(f"orch: {resume_tag} was saved by {saved_world_size(checkpoints / resume_tag)} rank(s) with a "
+                      f"partitioned optimizer; loading it on {world} through a universal checkpoint", flush=True)
+                universal_checkpoint(checkpoints / resume_tag)
+            dist.barrier()
+            load_dir, tag = checkpoints / resume_tag, UNIVERSAL
+        _, client = engine.load_checkpoint(str(load_dir), tag=tag)
         state = client["orch"]
         step, epoch, batch_in_epoch = state["step"], state["epoch"], state["batch"]
         comp.sampler.load_state_dict(state["sampler"])
-        rank_state = torch.load(checkpoints / resume_tag / f"rank{rank}.pt", map_location="cpu", weights_only=False)
+        rank_state = load_rank_state(checkpoints / resume_tag, rank, world)
         _set_rng(rank_state["rng"])
         interval = {k: v.to(device) for k, v in rank_state["interval"].items()}
         interval_steps = rank_state["interval_steps"]
@@ -219,10 +236,11 @@ def train(spec: dict[str, Any], registry: Registry, run: RunInfo, store: Store |
 
 
 def make_engine(model: RunModel, trainer: dict[str, Any], device: torch.device, precision: str,
-                world: int) -> tuple[Any, Any]:
+                world: int, load_universal: bool = False) -> tuple[Any, Any]:
     """The DeepSpeed engine every run trains with: torch's AdamW (CLIP's betas and eps, no weight decay on
     biases, norms and temperatures), warmup-cosine schedule, the synthesised config. bench/overhead.py
-    measures this same engine against a hand-written loop."""
+    measures this same engine against a hand-written loop. ``load_universal``: it will load a universal
+    checkpoint (one saved at another world size), which DeepSpeed must know from the start."""
     import deepspeed
 
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
@@ -232,8 +250,11 @@ def make_engine(model: RunModel, trainer: dict[str, Any], device: torch.device, 
         lr=trainer["lr"], betas=(0.9, 0.98), eps=1e-6, fused=device.type == "cuda",
     )
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(trainer["warmup"], trainer["steps"]))
+    config = deepspeed_config(trainer, world, precision)
+    if load_universal:
+        config["checkpoint"] = {**config.get("checkpoint", {}), "load_universal": True}
     engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule,
-                                                   config=deepspeed_config(trainer, world, precision))
+                                                   config=config)
     if world == 1 and trainer["zero"] == 0:
         engine.enable_backward_allreduce = False  # averaging over one rank only copies: 1.6% of a CPU step
     return engine, scheduler
@@ -374,7 +395,8 @@ def _save(engine: Any, comp: Composition, root: Path, step: int, epoch: int, bat
     """DeepSpeed's save on every rank, plus each rank's RNG and unlogged loss sums (DeepSpeed keeps only
     rank 0's client state); valid in the store only once every rank has written it whole."""
     tag = f"step-{step:08d}"
-    state = {"orch": {"step": step, "epoch": epoch, "batch": batch, "sampler": comp.sampler.state_dict()}}
+    state = {"orch": {"step": step, "epoch": epoch, "batch": batch, "sampler": comp.sampler.state_dict(),
+                      "world_size": dist.get_world_size()}}
     try:
         engine.save_checkpoint(str(root), tag=tag, client_state=state, save_latest=False)
         torch.save(rank_state, root / tag / f"rank{rank}.pt")
@@ -390,7 +412,7 @@ def _save(engine: Any, comp: Composition, root: Path, step: int, epoch: int, bat
         raise UserError(f"disk full while writing checkpoint step {step} under {root}: free space (or set "
                         f"ORCH_RUNS_DIR elsewhere) and `orch resume`; the previous checkpoint stays valid")
     if reporter:
-        write_manifest(root / tag)
+        write_manifest(root / tag, world_size=dist.get_world_size())
         reporter.checkpoint(step, root / tag)
     dist.barrier()
 

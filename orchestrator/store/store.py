@@ -296,15 +296,26 @@ class Store:
                                                                     error="cancelled by the user"))
         return status
 
-    def resume(self, run_id: int) -> None:
+    def resume(self, run_id: int, gpus: int | None = None) -> None:
+        """Queue a failed or cancelled run again. ``gpus`` changes how many training processes it resumes on
+        (its checkpoint is converted when ZeRO partitioned it); the global batch and the spec hash stay: it is
+        the same experiment, whose results change only in the last fp32 digits."""
         with self._write() as conn:
-            status = conn.execute(select(Run.status).where(Run.id == run_id)).scalar()
-            if status is None:
+            row = conn.execute(select(Run.status, Run.spec).where(Run.id == run_id)).first()
+            if row is None:
                 raise UserError(f"there is no run {run_id}: see `orch ls`")
-            if status not in ("failed", "cancelled"):
-                raise UserError(f"run {run_id} is {status}; only failed or cancelled runs can be resumed")
-            conn.execute(update(Run).where(Run.id == run_id).values(status="queued", failures=0, error=None,
-                                                                    finished_at=None))
+            if row.status not in ("failed", "cancelled"):
+                raise UserError(f"run {run_id} is {row.status}; only failed or cancelled runs can be resumed")
+            values: dict[str, Any] = {"status": "queued", "failures": 0, "error": None, "finished_at": None}
+            if gpus is not None:
+                spec = json.loads(row.spec)
+                trainer = spec["trainer"]
+                if gpus < 1 or trainer["batch_size"] % (gpus * trainer["accum"]):
+                    raise UserError(f"--gpus {gpus}: run {run_id}'s --batch-size {trainer['batch_size']} is not "
+                                    f"divisible by --gpus x --accum = {gpus * trainer['accum']}")
+                trainer["gpus"] = gpus
+                values["spec"] = json.dumps(spec, sort_keys=True)
+            conn.execute(update(Run).where(Run.id == run_id).values(**values))
 
     def runs(self, statuses: tuple[str, ...] = (), limit: int = 0) -> list[dict[str, Any]]:
         query = select(Run).order_by(Run.id.desc())

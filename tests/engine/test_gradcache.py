@@ -1,7 +1,7 @@
 """Gradient caching (GradCache; Gao et al. 2021, "Scaling Deep Contrastive Learning Batch Size under Memory
-Limited Setup") gives the loss and the gradients of the uncached step: on one process, with a views loss, with
-dropout and BatchNorm in the towers, on two gloo processes whose loss gathers across ranks through the DeepSpeed
-engine (ZeRO 0 and 2, with accumulation), and in a real `orch run --grad-cache`.
+Limited Setup") gives the loss and the gradients of the uncached step: on one process, with every built-in
+loss, with dropout and BatchNorm in the towers, on two gloo processes whose loss gathers across ranks through
+the DeepSpeed engine (ZeRO 0 and 2, with accumulation), and in a real `orch run --grad-cache`.
 
 Tolerance 1e-5 (relative to the largest gradient of each tensor): the cached step sums the same terms in another
 order (per chunk), which moves fp32 results by a few ulps; a wrong cache (a missing chunk, a stale RNG state, a
@@ -77,6 +77,48 @@ def test_views_loss_equals_the_full_batch() -> None:
     out = cached_step(cached, batch, chunk=6)
     assert abs(out["loss"].item() - expected["loss"].item()) <= TOLERANCE
     _assert_same_gradients(reference, cached)
+
+
+def _built_in_losses() -> list[str]:
+    from orchestrator.registry import Registry
+
+    return sorted(n for n, c in Registry.load().components["loss"].items() if c.distribution == "orch")
+
+
+@pytest.mark.parametrize("name", _built_in_losses())
+def test_every_built_in_loss_gets_the_full_batch_gradients(name: str) -> None:
+    """Image-text, token-wise, views, labels, queues, teachers, prototypes: each loss reads the whole batch
+    once, so the cached step is exact for all of them (a loss with state updates it once, as without caching)."""
+    from orchestrator.engine.compose import build
+    from orchestrator.registry import Registry
+    from orchestrator.spec import resolve_run
+
+    registry = Registry.load()
+    choices = {"loss": name, "encoder": "vit:width=32,depth=1,heads=2,embed_dim=32",
+               "text_encoder": "text-transformer:width=32,depth=1,heads=2,embed_dim=32"}
+    if not ({"text", "text-tokens"} & set(registry.get("loss", name).declared.get("needs", ()))):
+        del choices["text_encoder"]
+    spec = resolve_run(registry, choices, {"batch_size": "16"})
+    reference, cached = build(registry, spec).model, build(registry, spec).model
+    generator = torch.Generator().manual_seed(0)
+    needs, batch = reference.needs, {}
+    if needs & {"image", "image-tokens"}:
+        batch["image"] = torch.randn(16, 3, 28, 28, generator=generator)
+    if needs & {"text", "text-tokens"}:
+        batch["text"] = reference.text_tower.tokenize([f"a photo of the digit {i % 10}" for i in range(16)])
+    if "views" in needs:
+        batch["views"] = [torch.randn(16, 3, 28, 28, generator=generator) for _ in reference.loss.views]
+    if "label" in needs:
+        batch["label"] = torch.arange(16) % 4
+    torch.manual_seed(3)
+    expected = reference(batch)
+    expected["loss"].backward()
+    torch.manual_seed(3)
+    out = cached_step(cached, batch, chunk=5)
+    assert abs(out["loss"].item() - expected["loss"].item()) <= TOLERANCE * max(1.0, abs(expected["loss"].item()))
+    _assert_same_gradients(reference, cached)
+    for a, b in zip(reference.buffers(), cached.buffers()):  # queues, centres, EMA teachers: updated once
+        assert torch.equal(a, b)
 
 
 class _NoisyTower(nn.Module):
