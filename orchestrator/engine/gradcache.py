@@ -19,6 +19,7 @@ not BatchNorm, which normalises per chunk, as in the paper); running statistics 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import torch
@@ -29,20 +30,23 @@ from orchestrator.errors import UserError
 
 Encode = Callable[[dict[str, Any]], dict[str, Any]]
 Backward = Callable[[torch.Tensor, bool], None]
+Score = Callable[[dict[str, Any]], dict[str, torch.Tensor]]
 Path = tuple[str, int | None]  # a feature key, and the index within it when the feature is a list (views)
 
 
 def cached_step(model: RunModel, batch: dict[str, Any], chunk: int, encode: Encode | None = None,
-                backward: Backward | None = None) -> dict[str, torch.Tensor]:
+                backward: Backward | None = None, score: Score | None = None) -> dict[str, torch.Tensor]:
     """One GradCache forward and backward of ``batch``; returns the loss dict (detached), as ``model(batch)``.
 
     ``encode(sub_batch)`` gives the features of a chunk (default ``model.encode``; the DeepSpeed engine's
-    forward in ``engine_cached_step``), ``backward(scalar, last)`` backpropagates one surrogate scalar
-    (default ``scalar.backward()``): one per chunk, ``last`` on the final one.
+    forward in ``engine_cached_step``), ``score(features)`` the loss dict (default ``model.score``),
+    ``backward(scalar, last)`` backpropagates one surrogate scalar (default ``scalar.backward()``): one per
+    chunk, ``last`` on the final one.
     """
     if chunk < 1:
         raise ValueError(f"chunk must be at least 1, not {chunk}")
     encode = encode or model.encode
+    score = score or model.score
     backward = backward or (lambda scalar, last: scalar.backward())
     pieces = list(_split(batch, chunk))
     towers = list({id(m): m for m in (model.image_encoder, model.text_encoder) if m is not None}.values())
@@ -58,7 +62,7 @@ def cached_step(model: RunModel, batch: dict[str, Any], chunk: int, encode: Enco
 
     paths = _embedding_paths(encoded[0], pieces[0])
     features, leaves = _join(encoded, paths)
-    out = model.score(features)
+    out = score(features)
     params = [p for p in model.parameters() if p.requires_grad]
     grads = torch.autograd.grad(out["loss"], leaves + params, allow_unused=True)
     leaf_grads = [torch.zeros_like(leaf) if g is None else g for leaf, g in zip(leaves, grads)]
@@ -103,7 +107,22 @@ def engine_cached_step(engine: Any, batch: dict[str, Any], chunk: int) -> dict[s
         engine.set_gradient_accumulation_boundary(boundary and last)
         engine.backward(scalar)
 
-    return cached_step(model, batch, chunk, encode=lambda piece: engine(piece, part="encode"), backward=backward)
+    def score(features: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """The loss under the engine's autocast (``torch_autocast``), as inside ``engine(batch)``, but outside
+        its forward: the engine's output hooks would take the gradient of the loss for a backward pass."""
+        with _engine_autocast(engine):
+            return model.score(features)
+
+    return cached_step(model, batch, chunk, encode=lambda piece: engine(piece, part="encode"), backward=backward,
+                       score=score)
+
+
+def _engine_autocast(engine: Any) -> AbstractContextManager[Any]:
+    try:
+        from deepspeed.runtime.torch_autocast import autocast_if_enabled
+    except ImportError:  # a DeepSpeed without torch_autocast: its forward has no autocast either
+        return nullcontext()
+    return autocast_if_enabled(engine)
 
 
 # --- batches and features ------------------------------------------------------------------------

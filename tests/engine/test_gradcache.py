@@ -10,6 +10,7 @@ double-counted loss parameter) is off by far more than that.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 from pathlib import Path
@@ -172,7 +173,12 @@ def test_a_chunk_of_the_whole_batch_or_more_is_the_plain_step() -> None:
 
 # --- two gloo processes, through the DeepSpeed engine ---------------------------------------------------------
 
-def _engine(zero: int, world: int, accum: int, batch: int) -> Any:
+# bf16 autocast keeps 8 mantissa bits and chunked matmuls round differently: measured, cached vs uncached bf16
+# 1.1e-2 to 2.1e-2 (relative to each tensor's largest gradient), while uncached bf16 itself is 1.7e-2 from fp32.
+BF16_TOLERANCE = 5e-2
+
+
+def _engine(zero: int, world: int, accum: int, batch: int, precision: str) -> Any:
     import deepspeed
 
     from orchestrator.engine.dsconfig import deepspeed_config
@@ -181,13 +187,14 @@ def _engine(zero: int, world: int, accum: int, batch: int) -> Any:
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     trainer = {"batch_size": batch, "accum": accum, "grad_clip": 0.0, "zero": zero}
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer,
-                                      config=deepspeed_config(trainer, world, "fp32"))
+                                      config=deepspeed_config(trainer, world, precision))
     return engine
 
 
 def _rank(rank: int, world: int, port: int, results: str) -> None:
-    """One rank: for ZeRO 0 and 2, an uncached and a cached engine see the same micro-batches (2 accumulation
-    steps, 2 optimizer steps); their losses and reduced gradients (DeepSpeed's full gradient) must match."""
+    """One rank: per configuration, an uncached and a cached engine see the same micro-batches (2 accumulation
+    steps, 2 optimizer steps); it records the largest differences of their losses and of their reduced
+    gradients (DeepSpeed's full gradient, at the accumulation boundary), relative to the gradient's scale."""
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     from deepspeed.utils import safe_get_full_grad
@@ -196,30 +203,36 @@ def _rank(rank: int, world: int, port: int, results: str) -> None:
 
     size, accum = 32, 2
     batch, micro = _pairs(size), size // world // accum
-    report = []
-    for zero in (0, 2):
-        plain, cached = _engine(zero, world, accum, size), _engine(zero, world, accum, size)
-        for step in range(2):
+    report = {}
+    for zero, precision in ENGINE_CONFIGS:
+        plain = _engine(zero, world, accum, size, precision)
+        cached = _engine(zero, world, accum, size, precision)
+        loss_diff = grad_diff = 0.0
+        for _ in range(2):
             for k in range(accum):
                 start = (k * world + rank) * micro
                 piece = {key: value[start:start + micro] for key, value in batch.items()}
                 expected = plain(piece)
                 plain.backward(expected["loss"])
                 out = engine_cached_step(cached, piece, chunk=3)
-                assert abs(out["loss"].item() - expected["loss"].item()) <= TOLERANCE, (zero, step, k)
+                loss_diff = max(loss_diff, abs(out["loss"].item() - expected["loss"].item()))
                 if k == accum - 1:  # at the boundary: reduced over ranks and accumulation steps
-                    for (name, a), b in zip(plain.module.named_parameters(), cached.module.parameters()):
-                        ga, gb = safe_get_full_grad(a), safe_get_full_grad(b)
-                        worst = (ga - gb).abs().max().item()
-                        assert worst <= TOLERANCE * max(1.0, ga.abs().max().item()), (zero, step, name, worst)
+                    for a, b in zip(plain.module.parameters(), cached.module.parameters()):
+                        ga, gb = safe_get_full_grad(a).float(), safe_get_full_grad(b).float()
+                        grad_diff = max(grad_diff, (ga - gb).abs().max().item() / max(1.0, ga.abs().max().item()))
                 plain.step()
                 cached.step()
-        report.append(f"zero {zero} ok")
-    Path(results, f"rank{rank}").write_text("\n".join(report))
+        report[f"zero{zero}-{precision}"] = {"loss": loss_diff, "grad": grad_diff}
+    Path(results, f"rank{rank}.json").write_text(json.dumps(report))
+
+
+ENGINE_CONFIGS = [(0, "fp32"), (2, "fp32"), (0, "bf16")]
 
 
 @pytest.mark.slow
-def test_two_gloo_processes_through_deepspeed_zero_0_and_2(tmp_path: Path) -> None:
+def test_two_gloo_processes_through_deepspeed(tmp_path: Path) -> None:
+    """ZeRO 0 and 2 in fp32 within 1e-5, and bf16 (DeepSpeed's torch_autocast: the cached step runs the loss
+    under the engine's autocast, as the uncached forward does) within bf16's own rounding, 5e-2."""
     import torch.multiprocessing as mp
 
     with socket.socket() as s:
@@ -227,7 +240,11 @@ def test_two_gloo_processes_through_deepspeed_zero_0_and_2(tmp_path: Path) -> No
         port = s.getsockname()[1]
     mp.spawn(_rank, args=(2, port, str(tmp_path)), nprocs=2)
     for rank in range(2):
-        assert (tmp_path / f"rank{rank}").read_text() == "zero 0 ok\nzero 2 ok"
+        report = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert sorted(report) == sorted(f"zero{z}-{p}" for z, p in ENGINE_CONFIGS)
+        for name, worst in report.items():
+            tolerance = BF16_TOLERANCE if name.endswith("bf16") else TOLERANCE
+            assert worst["loss"] <= tolerance and worst["grad"] <= tolerance, (rank, name, worst)
 
 
 @pytest.mark.slow
