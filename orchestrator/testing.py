@@ -160,7 +160,7 @@ def check(kind: str, name: str, registry: Registry | None = None, /, **options: 
     declared = registry.get(kind, name).declared
     component = build(kind, name, registry, **options)
     if kind == "dataset":
-        check_dataset(component, declared.get("provides", ()))
+        check_dataset(component, registry.get(kind, name).provides(resolve(kind, name, registry, **options)))
     elif kind == "encoder":
         check_encoder(component, declared.get("modality", "image"))
     elif kind == "loss":

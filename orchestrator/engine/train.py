@@ -112,6 +112,8 @@ def train(spec: dict[str, Any], registry: Registry, run: RunInfo, store: Store |
     prepare(model, trainer, spec)  # activation checkpointing, torch.compile
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and device.type == "cuda":  # batch norm over the global batch, as SimCLR (torch: CUDA only)
+        torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     checkpoints = run.run_dir / "checkpoints"
     universal = bool(resume_tag) and needs_universal(checkpoints / resume_tag, world)  # saved on other ranks
     engine, scheduler = make_engine(model, trainer, device, precision, world, load_universal=universal)
