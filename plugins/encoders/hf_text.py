@@ -10,7 +10,7 @@ from torch import nn
 
 
 class HFText(nn.Module):
-    """A transformers text model from a local folder, pooled and projected; ``freeze`` locks it (LiT).
+    """A transformers text model from a local folder, pooled and projected; freeze=true locks it (LiT).
 
     Any ``AutoModel`` saved with ``save_pretrained`` (config.json, weights, tokenizer files), loaded with
     ``local_files_only``: nothing is downloaded. ``path`` defaults (at queue time) to all-MiniLM-L6-v2

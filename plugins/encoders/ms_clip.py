@@ -7,10 +7,9 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.transforms import v2
 
 from plugins.encoders.text_transformer import EOS, VOCAB, TextTransformer
-from plugins.encoders.vit import MEAN, STD, Block, ToChannels, init_blocks, trunc_normal_
+from plugins.encoders.vit import Block, image_transform, init_blocks, trunc_normal_
 
 MODALITIES = ("image", "text")
 
@@ -93,11 +92,7 @@ class MSCLIP(nn.Module):
         trunc_normal_(self.text_pos, 0.01)
         for m in MODALITIES:
             init_blocks(nn.ModuleList([*self.specific_blocks[m], *self.shared_blocks]), width)
-        self.transform = v2.Compose([
-            ToChannels(in_channels),
-            v2.Resize((image_size, image_size), antialias=True),
-            v2.Normalize([MEAN] * in_channels, [STD] * in_channels),
-        ])
+        self.transform = image_transform(image_size, in_channels)
 
     tokenize = TextTransformer.tokenize  # BOS, UTF-8 bytes, EOS, PAD to context_length
 
