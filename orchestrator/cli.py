@@ -185,14 +185,13 @@ def _headline(metrics: dict[str, float]) -> str:
 
 
 def _table(headers: list[str], rows: list[list[Any]]) -> None:
-    from rich.console import Console
-    from rich.table import Table
-    from rich.text import Text
-
-    table = Table(*headers, box=None, header_style="bold", pad_edge=False)
-    for row in rows:
-        table.add_row(*[Text(str(c)) for c in row])  # Text: names like "[lr=0.003]" are not markup
-    Console(width=None if sys.stdout.isatty() else 1000).print(table)  # pipes get whole lines
+    """Aligned columns, header in bold on a terminal; plain text so that ``ls`` needs no rich import."""
+    cells = [[str(c) for c in row] for row in [headers, *rows]]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells]
+    click.echo(click.style(lines[0], bold=True) if sys.stdout.isatty() else lines[0])
+    for line in lines[1:]:
+        click.echo(line)
 
 
 @cli.command(name="ls")

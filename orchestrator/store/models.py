@@ -1,14 +1,15 @@
-"""SQLAlchemy models of the experiment store: runs, attempts, metrics, checkpoints.
+"""The tables of the experiment store: runs, attempts, metrics, checkpoints.
 
-Changing a model means adding an Alembic revision in ``migrations/versions``.
+SQLAlchemy Core tables, not ORM classes: the store only issues Core statements, and not importing
+``sqlalchemy.orm`` keeps ``orch ls`` and ``orch show`` fast. Changing a table means adding an Alembic
+revision in ``migrations/versions``.
 """
 
 from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from sqlalchemy import Boolean, DateTime, Float, ForeignKey, Index, Integer, String, Text
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy import Boolean, Column, DateTime, Float, ForeignKey, Index, Integer, MetaData, String, Table, Text
 
 STATUSES = ("queued", "running", "finished", "failed", "cancelled")
 
@@ -18,65 +19,58 @@ def utcnow() -> datetime:
     return datetime.now(UTC).replace(tzinfo=None)
 
 
-class Base(DeclarativeBase):
-    pass
+metadata = MetaData()
 
+Run = Table(
+    "runs", metadata,
+    Column("id", Integer, primary_key=True),
+    Column("uid", String(32), unique=True, nullable=False),
+    Column("name", String(512), nullable=False),
+    Column("spec", Text, nullable=False),  # canonical JSON of the resolved spec
+    Column("spec_hash", String(64), index=True, nullable=False),
+    Column("status", String(16), default="queued", nullable=False),
+    Column("priority", Integer, default=0, nullable=False),
+    Column("attempt", Integer, default=0, nullable=False),  # latest attempt number: the fencing token
+    Column("failures", Integer, default=0, nullable=False),  # failed attempts since queued or resumed
+    Column("max_attempts", Integer, default=3, nullable=False),
+    Column("lease_owner", String(255), nullable=True),
+    Column("lease_expires_at", DateTime, nullable=True),
+    Column("error", Text, nullable=True),
+    Column("created_at", DateTime, default=utcnow, nullable=False),
+    Column("started_at", DateTime, nullable=True),
+    Column("finished_at", DateTime, nullable=True),
+    Index("ix_runs_claim", "status", "priority", "id"),
+)
 
-class Run(Base):
-    __tablename__ = "runs"
+Attempt = Table(
+    "attempts", metadata,
+    Column("id", Integer, primary_key=True),
+    Column("run_id", ForeignKey("runs.id", ondelete="CASCADE"), index=True, nullable=False),
+    Column("number", Integer, nullable=False),
+    Column("worker", String(255), nullable=False),
+    Column("started_at", DateTime, default=utcnow, nullable=False),
+    Column("ended_at", DateTime, nullable=True),
+    Column("outcome", String(16), default="running", nullable=False),
+    Column("error", Text, nullable=True),
+)
 
-    id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    uid: Mapped[str] = mapped_column(String(32), unique=True)
-    name: Mapped[str] = mapped_column(String(512))
-    spec: Mapped[str] = mapped_column(Text)  # canonical JSON of the resolved spec
-    spec_hash: Mapped[str] = mapped_column(String(64), index=True)
-    status: Mapped[str] = mapped_column(String(16), default="queued")
-    priority: Mapped[int] = mapped_column(Integer, default=0)
-    attempt: Mapped[int] = mapped_column(Integer, default=0)  # latest attempt number: the fencing token
-    failures: Mapped[int] = mapped_column(Integer, default=0)  # failed attempts since queued or resumed
-    max_attempts: Mapped[int] = mapped_column(Integer, default=3)
-    lease_owner: Mapped[str | None] = mapped_column(String(255), nullable=True)
-    lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
-    error: Mapped[str | None] = mapped_column(Text, nullable=True)
-    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
-    started_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
-    finished_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+Metric = Table(
+    "metrics", metadata,
+    Column("id", Integer, primary_key=True),
+    Column("run_id", ForeignKey("runs.id", ondelete="CASCADE"), nullable=False),
+    Column("step", Integer, nullable=False),
+    Column("name", String(255), nullable=False),
+    Column("value", Float, nullable=False),
+    Index("ix_metrics_run_name_step", "run_id", "name", "step"),
+)
 
-    __table_args__ = (Index("ix_runs_claim", "status", "priority", "id"),)
-
-
-class Attempt(Base):
-    __tablename__ = "attempts"
-
-    id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), index=True)
-    number: Mapped[int] = mapped_column(Integer)
-    worker: Mapped[str] = mapped_column(String(255))
-    started_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
-    ended_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
-    outcome: Mapped[str] = mapped_column(String(16), default="running")
-    error: Mapped[str | None] = mapped_column(Text, nullable=True)
-
-
-class Metric(Base):
-    __tablename__ = "metrics"
-
-    id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"))
-    step: Mapped[int] = mapped_column(Integer)
-    name: Mapped[str] = mapped_column(String(255))
-    value: Mapped[float] = mapped_column(Float)
-
-    __table_args__ = (Index("ix_metrics_run_name_step", "run_id", "name", "step"),)
-
-
-class Checkpoint(Base):
-    __tablename__ = "checkpoints"
-
-    id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), index=True)
-    step: Mapped[int] = mapped_column(Integer)
-    path: Mapped[str] = mapped_column(Text)
-    attempt: Mapped[int] = mapped_column(Integer)
-    valid: Mapped[bool] = mapped_column(Boolean, default=False)
-    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+Checkpoint = Table(
+    "checkpoints", metadata,
+    Column("id", Integer, primary_key=True),
+    Column("run_id", ForeignKey("runs.id", ondelete="CASCADE"), index=True, nullable=False),
+    Column("step", Integer, nullable=False),
+    Column("path", Text, nullable=False),
+    Column("attempt", Integer, nullable=False),
+    Column("valid", Boolean, default=False, nullable=False),
+    Column("created_at", DateTime, default=utcnow, nullable=False),
+)

@@ -22,7 +22,6 @@ from typing import Any
 from sqlalchemy import Connection, and_, create_engine, delete, event, func, insert, select, text, update
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import ArgumentError, DatabaseError, NoSuchModuleError, OperationalError
-from sqlalchemy.orm import aliased
 
 from orchestrator.errors import UserError
 from orchestrator.store.models import Attempt, Checkpoint, Metric, Run, utcnow
@@ -120,8 +119,8 @@ class Store:
 
     def find_by_hash(self, spec_hash: str) -> dict[str, Any] | None:
         with self._read() as conn:
-            row = conn.execute(select(Run.id, Run.status).where(Run.spec_hash == spec_hash)
-                               .order_by(Run.id.desc()).limit(1)).first()
+            row = conn.execute(select(Run.c.id, Run.c.status).where(Run.c.spec_hash == spec_hash)
+                               .order_by(Run.c.id.desc()).limit(1)).first()
         return dict(row._mapping) if row else None
 
     def add_runs(self, runs: list[tuple[dict[str, Any], str, str]], priority: int = 0,
@@ -134,24 +133,24 @@ class Store:
                     uid=uuid.uuid4().hex, name=name, spec=json.dumps(spec, sort_keys=True), spec_hash=spec_hash,
                     status="queued", priority=priority, attempt=0, failures=0, max_attempts=max_attempts,
                     created_at=utcnow(),
-                ).returning(Run.id)).scalar_one())
+                ).returning(Run.c.id)).scalar_one())
         return ids
 
     def claim(self, worker: str, lease_seconds: float, run_id: int | None = None) -> Claim | None:
         """Take the next queued run (highest priority, then oldest), or the given one if it is queued."""
         now = utcnow()
-        queued = aliased(Run)  # an alias, so the subquery is not correlated with the UPDATE's table
-        wanted = [queued.id == run_id] if run_id is not None else []
-        next_run = (select(queued.id).where(queued.status == "queued", *wanted)
-                    .order_by(queued.priority.desc(), queued.id).limit(1)
+        queued = Run.alias()  # an alias, so the subquery is not correlated with the UPDATE's table
+        wanted = [queued.c.id == run_id] if run_id is not None else []
+        next_run = (select(queued.c.id).where(queued.c.status == "queued", *wanted)
+                    .order_by(queued.c.priority.desc(), queued.c.id).limit(1)
                     .with_for_update(skip_locked=True).scalar_subquery())
         with self._write() as conn:
             row = conn.execute(
-                update(Run).where(Run.id == next_run, Run.status == "queued")
-                .values(status="running", attempt=Run.attempt + 1, lease_owner=worker,
+                update(Run).where(Run.c.id == next_run, Run.c.status == "queued")
+                .values(status="running", attempt=Run.c.attempt + 1, lease_owner=worker,
                         lease_expires_at=now + timedelta(seconds=lease_seconds),
-                        started_at=func.coalesce(Run.started_at, now), error=None)
-                .returning(Run.id, Run.attempt)
+                        started_at=func.coalesce(Run.c.started_at, now), error=None)
+                .returning(Run.c.id, Run.c.attempt)
             ).first()
             if row is None:
                 return None
@@ -163,11 +162,11 @@ class Store:
         """Runs whose lease expired (their worker is gone): back to the queue, or failed when out of
         attempts; a run cancelled while its worker was dying just has its attempt closed."""
         now = utcnow()
-        expired = (Run.lease_owner.is_not(None), Run.lease_expires_at < now)
+        expired = (Run.c.lease_owner.is_not(None), Run.c.lease_expires_at < now)
         out = []
         with self._write() as conn:
-            rows = conn.execute(select(Run.id, Run.attempt, Run.status, Run.failures, Run.max_attempts)
-                                .where(Run.status.in_(("running", "cancelled")), *expired)
+            rows = conn.execute(select(Run.c.id, Run.c.attempt, Run.c.status, Run.c.failures, Run.c.max_attempts)
+                                .where(Run.c.status.in_(("running", "cancelled")), *expired)
                                 .with_for_update(skip_locked=True)).all()
             for r in rows:
                 exhausted = r.failures + 1 >= r.max_attempts
@@ -175,9 +174,9 @@ class Store:
                 status = "cancelled" if r.status == "cancelled" else "failed" if exhausted else "queued"
                 values: dict[str, Any] = {"status": status, "lease_owner": None, "lease_expires_at": None}
                 if r.status == "running":
-                    values.update(failures=Run.failures + 1, error=error, finished_at=now if exhausted else None)
-                changed = conn.execute(update(Run).where(Run.id == r.id, Run.attempt == r.attempt,
-                                                         Run.status == r.status, *expired).values(**values)).rowcount
+                    values.update(failures=Run.c.failures + 1, error=error, finished_at=now if exhausted else None)
+                changed = conn.execute(update(Run).where(Run.c.id == r.id, Run.c.attempt == r.attempt,
+                                                         Run.c.status == r.status, *expired).values(**values)).rowcount
                 if changed:
                     outcome = "cancelled" if r.status == "cancelled" else "interrupted"
                     self._end_attempt(conn, r.id, r.attempt, outcome, error)
@@ -190,8 +189,8 @@ class Store:
         values: dict[str, Any] = {"attempt": claim.attempt}
         if lease_seconds is not None:
             values["lease_expires_at"] = utcnow() + timedelta(seconds=lease_seconds)
-        changed = conn.execute(update(Run).where(Run.id == claim.run_id, Run.attempt == claim.attempt,
-                                                 Run.status == "running").values(**values)).rowcount
+        changed = conn.execute(update(Run).where(Run.c.id == claim.run_id, Run.c.attempt == claim.attempt,
+                                                 Run.c.status == "running").values(**values)).rowcount
         if changed != 1:
             raise Fenced(f"run {claim.run_id} attempt {claim.attempt} no longer holds the run")
 
@@ -211,8 +210,8 @@ class Store:
         with self._write() as conn:
             self._fence(conn, claim)
             for step, name, _value in rows:
-                conn.execute(delete(Metric).where(Metric.run_id == claim.run_id, Metric.name == name,
-                                                  Metric.step == step))
+                conn.execute(delete(Metric).where(Metric.c.run_id == claim.run_id, Metric.c.name == name,
+                                                  Metric.c.step == step))
             conn.execute(insert(Metric), [{"run_id": claim.run_id, "step": s, "name": n, "value": v}
                                           for s, n, v in rows])
 
@@ -220,7 +219,7 @@ class Store:
         """A resumed attempt restarts at ``step``: drop what a dead attempt logged after it."""
         with self._write() as conn:
             self._fence(conn, claim)
-            conn.execute(delete(Metric).where(Metric.run_id == claim.run_id, Metric.step > step))
+            conn.execute(delete(Metric).where(Metric.c.run_id == claim.run_id, Metric.c.step > step))
 
     def add_checkpoint(self, claim: Claim, step: int, path: str, keep: int = 2) -> list[str]:
         """Mark a fully written checkpoint valid; returns the paths of older ones to delete."""
@@ -228,12 +227,12 @@ class Store:
             self._fence(conn, claim)
             conn.execute(insert(Checkpoint).values(run_id=claim.run_id, step=step, path=path,
                                                    attempt=claim.attempt, valid=True, created_at=utcnow()))
-            valid = conn.execute(select(Checkpoint.id, Checkpoint.path).where(
-                Checkpoint.run_id == claim.run_id, Checkpoint.valid).order_by(Checkpoint.step.desc(),
-                                                                               Checkpoint.id.desc())).all()
+            valid = conn.execute(select(Checkpoint.c.id, Checkpoint.c.path).where(
+                Checkpoint.c.run_id == claim.run_id, Checkpoint.c.valid).order_by(Checkpoint.c.step.desc(),
+                                                                               Checkpoint.c.id.desc())).all()
             stale = valid[keep:]
             if stale:
-                conn.execute(update(Checkpoint).where(Checkpoint.id.in_([s.id for s in stale]))
+                conn.execute(update(Checkpoint).where(Checkpoint.c.id.in_([s.id for s in stale]))
                              .values(valid=False))
         return [s.path for s in stale if s.path != path]
 
@@ -241,14 +240,14 @@ class Store:
         """A checkpoint found damaged is never offered for resuming again."""
         with self._write() as conn:
             self._fence(conn, claim)
-            conn.execute(update(Checkpoint).where(Checkpoint.run_id == claim.run_id, Checkpoint.path == path)
+            conn.execute(update(Checkpoint).where(Checkpoint.c.run_id == claim.run_id, Checkpoint.c.path == path)
                          .values(valid=False))
 
     def latest_checkpoint(self, run_id: int) -> dict[str, Any] | None:
         with self._read() as conn:
-            row = conn.execute(select(Checkpoint.step, Checkpoint.path).where(
-                Checkpoint.run_id == run_id, Checkpoint.valid).order_by(Checkpoint.step.desc(),
-                                                                        Checkpoint.id.desc()).limit(1)).first()
+            row = conn.execute(select(Checkpoint.c.step, Checkpoint.c.path).where(
+                Checkpoint.c.run_id == run_id, Checkpoint.c.valid).order_by(Checkpoint.c.step.desc(),
+                                                                        Checkpoint.c.id.desc()).limit(1)).first()
         return dict(row._mapping) if row else None
 
     def end_attempt(self, claim: Claim, outcome: str, error: str | None = None) -> str:
@@ -256,10 +255,10 @@ class Store:
         remain) or ``cancelled``. Returns the run's new status. Only the attempt that still holds the run
         (running, or cancelled by the user while it ran) may close it: anything else is ``Fenced``."""
         now = utcnow()
-        held = (Run.id == claim.run_id, Run.attempt == claim.attempt, Run.status.in_(("running", "cancelled")),
-                Run.lease_owner.is_not(None))
+        held = (Run.c.id == claim.run_id, Run.c.attempt == claim.attempt, Run.c.status.in_(("running", "cancelled")),
+                Run.c.lease_owner.is_not(None))
         with self._write() as conn:
-            run = conn.execute(select(Run.status, Run.failures, Run.max_attempts).where(*held)
+            run = conn.execute(select(Run.c.status, Run.c.failures, Run.c.max_attempts).where(*held)
                                .with_for_update()).first()  # the row lock orders this with a requeue
             if run is None:
                 raise Fenced(f"run {claim.run_id} attempt {claim.attempt} no longer holds the run")
@@ -271,28 +270,28 @@ class Store:
                 status = {"finished": "finished", "failed": "failed", "cancelled": "cancelled"}[outcome]
             conn.execute(update(Run).where(*held).values(
                 status=status, lease_owner=None, lease_expires_at=None,
-                error=Run.error if status == "cancelled" and error is None else error,  # keep the cancel reason
-                failures=Run.failures + (1 if outcome in ("crashed", "failed") else 0),
+                error=Run.c.error if status == "cancelled" and error is None else error,  # keep the cancel reason
+                failures=Run.c.failures + (1 if outcome in ("crashed", "failed") else 0),
                 finished_at=None if status == "queued" else now))
             self._end_attempt(conn, claim.run_id, claim.attempt, outcome, error)
         return status
 
     @staticmethod
     def _end_attempt(conn: Connection, run_id: int, number: int, outcome: str, error: str | None) -> None:
-        conn.execute(update(Attempt).where(Attempt.run_id == run_id, Attempt.number == number,
-                                           Attempt.outcome == "running")
+        conn.execute(update(Attempt).where(Attempt.c.run_id == run_id, Attempt.c.number == number,
+                                           Attempt.c.outcome == "running")
                      .values(outcome=outcome, error=error, ended_at=utcnow()))
 
     # --- user commands ---------------------------------------------------------------------------
 
     def cancel(self, run_id: int) -> str:
         with self._write() as conn:
-            status = conn.execute(select(Run.status).where(Run.id == run_id)).scalar()
+            status = conn.execute(select(Run.c.status).where(Run.c.id == run_id)).scalar()
             if status is None:
                 raise UserError(f"there is no run {run_id}: see `orch ls`")
             if status in ("finished", "failed", "cancelled"):
                 raise UserError(f"run {run_id} is already {status}; nothing to cancel")
-            conn.execute(update(Run).where(Run.id == run_id).values(status="cancelled", finished_at=utcnow(),
+            conn.execute(update(Run).where(Run.c.id == run_id).values(status="cancelled", finished_at=utcnow(),
                                                                     error="cancelled by the user"))
         return status
 
@@ -301,7 +300,7 @@ class Store:
         (its checkpoint is converted when ZeRO partitioned it); the global batch and the spec hash stay: it is
         the same experiment, whose results change only in the last fp32 digits."""
         with self._write() as conn:
-            row = conn.execute(select(Run.status, Run.spec).where(Run.id == run_id)).first()
+            row = conn.execute(select(Run.c.status, Run.c.spec).where(Run.c.id == run_id)).first()
             if row is None:
                 raise UserError(f"there is no run {run_id}: see `orch ls`")
             if row.status not in ("failed", "cancelled"):
@@ -315,12 +314,12 @@ class Store:
                                     f"divisible by --gpus x --accum = {gpus * trainer['accum']}")
                 trainer["gpus"] = gpus
                 values["spec"] = json.dumps(spec, sort_keys=True)
-            conn.execute(update(Run).where(Run.id == run_id).values(**values))
+            conn.execute(update(Run).where(Run.c.id == run_id).values(**values))
 
     def runs(self, statuses: tuple[str, ...] = (), limit: int = 0) -> list[dict[str, Any]]:
-        query = select(Run).order_by(Run.id.desc())
+        query = select(Run).order_by(Run.c.id.desc())
         if statuses:
-            query = query.where(Run.status.in_(statuses))
+            query = query.where(Run.c.status.in_(statuses))
         if limit:
             query = query.limit(limit)
         with self._read() as conn:
@@ -328,31 +327,31 @@ class Store:
 
     def run(self, run_id: int) -> dict[str, Any]:
         with self._read() as conn:
-            row = conn.execute(select(Run).where(Run.id == run_id)).first()
+            row = conn.execute(select(Run).where(Run.c.id == run_id)).first()
         if row is None:
             raise UserError(f"there is no run {run_id}: see `orch ls`")
         return _run_dict(row)
 
     def attempts(self, run_id: int) -> list[dict[str, Any]]:
         with self._read() as conn:
-            rows = conn.execute(select(Attempt).where(Attempt.run_id == run_id).order_by(Attempt.number)).all()
+            rows = conn.execute(select(Attempt).where(Attempt.c.run_id == run_id).order_by(Attempt.c.number)).all()
         return [dict(r._mapping) for r in rows]
 
     def metrics(self, run_id: int) -> list[dict[str, Any]]:
         with self._read() as conn:
-            rows = conn.execute(select(Metric.step, Metric.name, Metric.value)
-                                .where(Metric.run_id == run_id).order_by(Metric.name, Metric.step)).all()
+            rows = conn.execute(select(Metric.c.step, Metric.c.name, Metric.c.value)
+                                .where(Metric.c.run_id == run_id).order_by(Metric.c.name, Metric.c.step)).all()
         return [dict(r._mapping) for r in rows]
 
     def progress(self, run_id: int) -> dict[str, float]:
         """The training scalars at the last logged step, with ``step``; empty before the first log."""
         with self._read() as conn:
-            step = conn.execute(select(func.max(Metric.step)).where(Metric.run_id == run_id,
-                                                                    Metric.name == "train/loss")).scalar()
+            step = conn.execute(select(func.max(Metric.c.step)).where(Metric.c.run_id == run_id,
+                                                                    Metric.c.name == "train/loss")).scalar()
             if step is None:
                 return {}
-            rows = conn.execute(select(Metric.name, Metric.value).where(Metric.run_id == run_id,
-                                                                        Metric.step == step)).all()
+            rows = conn.execute(select(Metric.c.name, Metric.c.value).where(Metric.c.run_id == run_id,
+                                                                        Metric.c.step == step)).all()
         return {"step": step, **{r.name: r.value for r in rows}}
 
     def final_metrics(self, run_id: int) -> dict[str, float]:
@@ -361,10 +360,10 @@ class Store:
 
     def final_metrics_of(self, run_ids: list[int]) -> dict[int, dict[str, float]]:
         """The last value of every metric of several runs, in one query (``orch ls``)."""
-        last = (select(Metric.run_id, Metric.name, func.max(Metric.step).label("step"))
-                .where(Metric.run_id.in_(run_ids)).group_by(Metric.run_id, Metric.name).subquery())
-        query = select(Metric.run_id, Metric.name, Metric.value).join(last, and_(
-            Metric.run_id == last.c.run_id, Metric.name == last.c.name, Metric.step == last.c.step))
+        last = (select(Metric.c.run_id, Metric.c.name, func.max(Metric.c.step).label("step"))
+                .where(Metric.c.run_id.in_(run_ids)).group_by(Metric.c.run_id, Metric.c.name).subquery())
+        query = select(Metric.c.run_id, Metric.c.name, Metric.c.value).join(last, and_(
+            Metric.c.run_id == last.c.run_id, Metric.c.name == last.c.name, Metric.c.step == last.c.step))
         out: dict[int, dict[str, float]] = {}
         with self._read() as conn:
             for row in conn.execute(query):
@@ -376,7 +375,7 @@ def _run_dict(row: Any) -> dict[str, Any]:
     d = dict(row._mapping)
     if "Run" in d:  # select(Run) rows carry the ORM object
         r = d["Run"]
-        d = {c.name: getattr(r, c.key) for c in Run.__table__.columns}
+        d = {c.name: getattr(r, c.key) for c in Run.c.__table__.columns}
     d["spec"] = json.loads(d["spec"])
     return d
 

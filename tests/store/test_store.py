@@ -215,3 +215,16 @@ def test_final_metrics_of_several_runs_take_each_metrics_last_step(store_url: st
     store.log_metrics(second, [(5, "train/loss", 9.0), (7, "zs/top1", 11.0), (6, "zs/top1", 99.0)])
     assert store.final_metrics_of([first.run_id, second.run_id, 3]) == {
         first.run_id: {"train/loss": 2.0, "zs/top1": 50.0}, second.run_id: {"train/loss": 9.0, "zs/top1": 11.0}}
+
+
+def test_migrations_create_exactly_the_declared_tables(store_url: str) -> None:
+    """The tables in models.py and the Alembic revisions must not drift apart (autogenerate finds no diff)."""
+    from alembic.autogenerate import compare_metadata
+    from alembic.runtime.migration import MigrationContext
+
+    from orchestrator.store.models import metadata
+
+    store = Store.open(store_url)
+    with store.engine.connect() as conn:
+        diff = compare_metadata(MigrationContext.configure(conn), metadata)
+    assert diff == []
