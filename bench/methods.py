@@ -48,16 +48,9 @@ ROWS += [
 
 def init_knn(seed: int = 0) -> float:
     """kNN top-1 of the default vit as a run builds it (seeded, before any step) on the held-out split."""
-    import torch
+    from orchestrator.testing import metrics_at_init
 
-    from orchestrator.engine.evaluation import EvalContext
-    from orchestrator.testing import build
-    from plugins.datasets.mnist import MNIST
-    from plugins.evaluators.knn import KNN
-
-    torch.manual_seed(seed)
-    encoder = build("encoder", "vit").eval()
-    return KNN().evaluate(EvalContext(encoder, None, MNIST(), torch.device("cpu")))["top1"]
+    return metrics_at_init(seed=seed, encoder="vit", loss="ntxent", eval="knn")["knn/top1"]
 
 
 def run(args: list[str], steps: int | None) -> tuple[float, dict[str, float], str]:

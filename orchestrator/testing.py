@@ -14,7 +14,8 @@ the same parsing, ``resolve`` and JSON round trip as ``orch queue``) and exercis
 ``check_tracker``, each callable on its own; see docs/plugins.md); it returns the built component.
 ``check_loss_distributed`` checks that 2 gloo ranks x batch B equal 1 rank x batch 2B. ``eval_context()``
 gives an evaluator tiny towers and data. ``assert_light(module)`` checks that loading a plugin and reading
-its options imports no torch. ``run_orch(*args)`` runs the CLI in a subprocess.
+its options imports no torch. ``run_orch(*args)`` runs the CLI in a subprocess. ``metrics_at_init(**flags)``
+gives what a run's evaluators measure before its first step: the baseline a self-supervised bar is set on.
 
 With ``pytest_plugins = ["orchestrator.testing"]`` in a top-level ``conftest.py``, the fixture
 ``orch_workdir`` (a scratch working directory with its own store, runs folder and MLflow store) is
@@ -515,6 +516,27 @@ def _loss_rank(rank: int, world: int, tmp: str, name: str, modules: Sequence[str
 
 
 # --- the command line -----------------------------------------------------------------------------
+
+def metrics_at_init(*, seed: int = 0, **choices: str | list[str]) -> dict[str, float]:
+    """What a run's evaluators measure before its first step, on the CPU: the baseline a self-supervised
+    method must beat. ``choices`` are the run's flags (``encoder="vit", loss="ntxent", eval=["knn"]``); the
+    encoders are built exactly as the run builds them (same spec, same ``seed``)."""
+    import torch
+
+    from orchestrator.engine.compose import build as compose
+    from orchestrator.engine.evaluation import EvalContext
+    from orchestrator.spec import resolve_run
+
+    registry = Registry.load()
+    if isinstance(choices.get("eval"), str):
+        choices["eval"] = [choices["eval"]]
+    comp = compose(registry, resolve_run(registry, choices, {"seed": str(seed)}))
+    model = comp.model.eval()
+    ctx = EvalContext(model.image_encoder, model.text_tower, comp.dataset, torch.device("cpu"))
+    with torch.no_grad():
+        return {f"{name}/{key}": value for name, evaluator in comp.evaluators
+                for key, value in evaluator.evaluate(ctx).items()}
+
 
 def run_orch(*args: str, cwd: str | Path | None = None, env: dict[str, str] | None = None,
              timeout: float = 600) -> subprocess.CompletedProcess[str]:

@@ -22,8 +22,8 @@ class AlignUniform(nn.Module):
     """
 
     def __init__(self, alpha: float = 2.0, t: float = 2.0, align_weight: float = 1.0, unif_weight: float = 1.0,
-                 crop_scale: tuple[float, float] = (0.08, 1.0), flip: bool = True, color: float = 1.0,
-                 blur: float = 0.5) -> None:
+                 crop_scale: tuple[float, float] = (0.08, 1.0), flip: bool = True, color: float | None = None,
+                 blur: float | None = None) -> None:
         super().__init__()
         if alpha <= 0 or t <= 0:
             raise ValueError("alpha and t must be positive")

@@ -19,7 +19,9 @@ class BYOL(nn.Module):
     ``2 - 2 cos(p_1, z'_2) + 2 - 2 cos(p_2, z'_1)`` averaged over the batch. After each step
     ``xi <- tau xi + (1 - tau) theta`` with tau=0.996; ``momentum_steps`` > 0 raises tau to 1 on the
     paper's cosine over that many steps (set it to ``--steps``). Views: SimCLR crops and jitter with
-    BYOL's asymmetric blur (p=1.0 and p=0.1); the solarisation of its second view is left out.
+    BYOL's asymmetric blur (p=1.0 and p=0.1) on large images, SimCLR's small-image recipe (colour strength
+    0.5, no blur; ``plugins.losses.views``) on images of 64 pixels or less; the solarisation of the second
+    view is left out.
     Batch norms use the global batch (SyncBN), so the loss is the same for any number of ranks.
     """
 
@@ -28,7 +30,7 @@ class BYOL(nn.Module):
         if not 0 <= tau <= 1:
             raise ValueError(f"tau must be in [0, 1], not {tau}")
         self.tau, self.momentum_steps, self.hidden, self.dim = tau, momentum_steps, hidden, dim
-        self.views = [augment((0.08, 1.0), blur=1.0), augment((0.08, 1.0), blur=0.1)]
+        self.views = [augment((0.08, 1.0), imagenet_blur=1.0), augment((0.08, 1.0), imagenet_blur=0.1)]
         self.register_buffer("steps", torch.zeros((), dtype=torch.long))
 
     def bind(self, encoder: nn.Module) -> None:

@@ -16,13 +16,15 @@ class NTXent(nn.Module):
     z_i is scored against the 2N - 1 other views of the global batch (its positive and the 2N - 2 views of
     other images, same-view ones included): ``l_ij = -log exp(s_ij / t) / sum_{k != i} exp(s_ik / t)`` with
     cosine similarities s, averaged over the 2N anchors. ``n_views`` > 2 averages over every other view of
-    the same image as positive (the SupCon L_out form with the image as label). ``temperature`` 0.5 is the
-    paper's optimum for its small-image setting (CIFAR-10, appendix B.9); 0.1 is its ImageNet choice.
-    The views are the paper's augmentation (appendix A; ``simclr_views``).
+    the same image as positive (the SupCon L_out form with the image as label). ``temperature`` 0.1 is the
+    paper's ImageNet choice (Table 5) and its code's default; 0.5, its CIFAR-10 optimum after 1000 epochs,
+    leaves the default 500-step MNIST run at its initial kNN accuracy (57.3% against 55.5%; 0.1 gives 67.6%).
+    The views are the paper's augmentation (appendix A; ``simclr_views``), with its CIFAR-10 colour and blur
+    on small images.
     """
 
-    def __init__(self, temperature: float = 0.5, n_views: int = 2, crop_scale: tuple[float, float] = (0.08, 1.0),
-                 flip: bool = True, color: float = 1.0, blur: float = 0.5) -> None:
+    def __init__(self, temperature: float = 0.1, n_views: int = 2, crop_scale: tuple[float, float] = (0.08, 1.0),
+                 flip: bool = True, color: float | None = None, blur: float | None = None) -> None:
         super().__init__()
         if temperature <= 0 or n_views < 2:
             raise ValueError("temperature must be positive and n_views at least 2")

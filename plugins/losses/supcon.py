@@ -21,7 +21,7 @@ class SupCon(nn.Module):
     """
 
     def __init__(self, temperature: float = 0.1, n_views: int = 2, crop_scale: tuple[float, float] = (0.08, 1.0),
-                 flip: bool = True, color: float = 1.0, blur: float = 0.5) -> None:
+                 flip: bool = True, color: float | None = None, blur: float | None = None) -> None:
         super().__init__()
         if temperature <= 0 or n_views < 2:
             raise ValueError("temperature must be positive and n_views at least 2")

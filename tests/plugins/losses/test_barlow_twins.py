@@ -36,12 +36,12 @@ def _reference(a: list[list[float]], b: list[list[float]], lambd: float) -> floa
 def test_identical_decorrelated_views_in_closed_form():
     # columns (1, -1, 1, -1) and (1, 1, -1, -1): mean 0, variance 1, uncorrelated -> C = I up to eps
     z = torch.tensor([[1.0, 1.0], [-1.0, 1.0], [1.0, -1.0], [-1.0, -1.0]])
-    out = BarlowTwins()({"views": [z, z]})
+    out = BarlowTwins(projector=())({"views": [z, z]})
     c = 1 / (1 + 1e-5)  # the eps of the batch norm
     assert out["loss"].item() == pytest.approx(2 * (1 - c) ** 2, abs=1e-9)
     assert out["off_diag"].item() == pytest.approx(0.0, abs=1e-9)
     # the second view's first column negated: C_00 = -c, so the on-diagonal term is (1 + c)^2 + (1 - c)^2
-    out = BarlowTwins()({"views": [z, z * torch.tensor([-1.0, 1.0])]})
+    out = BarlowTwins(projector=())({"views": [z, z * torch.tensor([-1.0, 1.0])]})
     assert out["on_diag"].item() == pytest.approx((1 + c) ** 2 + (1 - c) ** 2, abs=1e-6)
 
 
@@ -49,8 +49,25 @@ def test_identical_decorrelated_views_in_closed_form():
 def test_matches_explicit_loops(lambd):
     g = torch.Generator().manual_seed(0)
     a, b = torch.randn(6, 4, generator=g), torch.randn(6, 4, generator=g)
-    out = BarlowTwins(lambd=lambd)({"views": [a, b]})
+    out = BarlowTwins(lambd=lambd, projector=())({"views": [a, b]})
     assert out["loss"].item() == pytest.approx(_reference(a.tolist(), b.tolist(), lambd), rel=1e-5)
+
+
+def test_the_loss_is_taken_on_the_projector_output():
+    """Bound to an encoder, the loss projects each view through its MLP (Linear-BN-ReLU, Linear-BN-ReLU,
+    Linear) and is the projector-free loss of the projections; the encoder output stays the representation."""
+    torch.manual_seed(0)
+    encoder = torch.nn.Linear(5, 8)
+    encoder.embed_dim = 8
+    loss = BarlowTwins(projector=(16, 16, 4))
+    loss.bind(encoder)
+    linears = [m for m in loss.projector if isinstance(m, torch.nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in linears] == [(8, 16), (16, 16), (16, 4)]
+    views = [encoder(torch.randn(6, 5)) for _ in range(2)]
+    expected = BarlowTwins(projector=())({"views": [loss.projector(v) for v in views]})["loss"]
+    assert loss({"views": views})["loss"].item() == pytest.approx(expected.item(), rel=1e-6)
+    with pytest.raises(RuntimeError, match="bind"):
+        BarlowTwins()({"views": views})
 
 
 def test_contract_and_registration():

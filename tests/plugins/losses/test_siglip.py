@@ -93,7 +93,7 @@ def test_two_ranks_equal_one_rank_with_twice_the_batch():
 def test_default_run_reaches_80_percent_zero_shot(workdir):
     """The issue's bar: SigLIP trains the default CLIP run (vit, MNIST, 500 steps of 128) as infonce does."""
     result = run_orch("run", "--data", "mnist", "--encoder", "vit", "--loss", "siglip", "--eval", "zs", "--quiet",
-                      cwd=workdir)
+                      cwd=workdir, timeout=1500)
     assert result.returncode == 0, result.stdout + result.stderr
     store = Store.open(f"sqlite:///{workdir}/experiments.db")
     assert store.run(1)["status"] == "finished"

@@ -30,14 +30,14 @@ def _reference(a: list[list[float]], b: list[list[float]], gamma: float = 1.0, e
 def test_collapsed_views_in_closed_form():
     # every embedding the same vector: no invariance or covariance term, the variance hinge at 1 - sqrt(eps)
     z = torch.ones(4, 3)
-    out = VICReg()({"views": [z, z]})
+    out = VICReg(projector=())({"views": [z, z]})
     assert out["invariance"].item() == pytest.approx(0.0) and out["covariance"].item() == pytest.approx(0.0)
     assert out["loss"].item() == pytest.approx(25 * (1 - math.sqrt(1e-4)), abs=1e-5)
     # views (0, 0) and (2, 2) for image 0, (1, 1) twice for image 1: MSE = (4 + 4) / 4; in each view both
     # columns have unbiased variance 0.5 and covariance 0.5 (squared twice, over d = 2, summed over the views)
     a = torch.tensor([[0.0, 0.0], [1.0, 1.0]])
     b = torch.tensor([[2.0, 2.0], [1.0, 1.0]])
-    out = VICReg()({"views": [a, b]})
+    out = VICReg(projector=())({"views": [a, b]})
     assert out["invariance"].item() == pytest.approx(2.0)
     assert out["covariance"].item() == pytest.approx(2 * (2 * 0.5**2 / 2))
     assert out["variance"].item() == pytest.approx(1 - math.sqrt(0.5 + 1e-4), abs=1e-6)
@@ -47,12 +47,29 @@ def test_collapsed_views_in_closed_form():
 def test_matches_explicit_loops(gamma):
     g = torch.Generator().manual_seed(0)
     a, b = torch.randn(6, 4, generator=g), torch.randn(6, 4, generator=g)
-    out = VICReg(sim_coeff=25.0, std_coeff=10.0, cov_coeff=2.0, gamma=gamma)({"views": [a, b]})
+    out = VICReg(sim_coeff=25.0, std_coeff=10.0, cov_coeff=2.0, gamma=gamma, projector=())({"views": [a, b]})
     ref = _reference(a.tolist(), b.tolist(), gamma)
     for key in ("invariance", "variance", "covariance"):
         assert out[key].item() == pytest.approx(ref[key], rel=1e-5)
     expected = 25 * ref["invariance"] + 10 * ref["variance"] + 2 * ref["covariance"]
     assert out["loss"].item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_the_loss_is_taken_on_the_projector_output():
+    """Bound to an encoder, the loss projects each view through its MLP (Linear-BN-ReLU, Linear-BN-ReLU,
+    Linear) and is the projector-free loss of the projections; the encoder output stays the representation."""
+    torch.manual_seed(0)
+    encoder = torch.nn.Linear(5, 8)
+    encoder.embed_dim = 8
+    loss = VICReg(projector=(16, 16, 4))
+    loss.bind(encoder)
+    linears = [m for m in loss.projector if isinstance(m, torch.nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in linears] == [(8, 16), (16, 16), (16, 4)]
+    views = [encoder(torch.randn(6, 5)) for _ in range(2)]
+    expected = VICReg(projector=())({"views": [loss.projector(v) for v in views]})["loss"]
+    assert loss({"views": views})["loss"].item() == pytest.approx(expected.item(), rel=1e-6)
+    with pytest.raises(RuntimeError, match="bind"):
+        VICReg()({"views": views})
 
 
 def test_contract_and_registration():
