@@ -86,6 +86,11 @@ def _built_in_losses() -> list[str]:
     return sorted(n for n, c in Registry.load().components["loss"].items() if c.distribution == "orch")
 
 
+# 1024-wide projectors sum enough fp32 rounding that gradients which are 0 in exact arithmetic (a bias before
+# a batch norm) differ by ~1e-5 between any two evaluation orders; narrower heads keep the check at 1e-5.
+NARROW_HEADS = {"barlow-twins": ":projector=[64,64,64]", "vicreg": ":projector=[64,64,64]"}
+
+
 @pytest.mark.parametrize("name", _built_in_losses())
 def test_every_built_in_loss_gets_the_full_batch_gradients(name: str) -> None:
     """Image-text, token-wise, views, labels, queues, teachers, prototypes: each loss reads the whole batch
@@ -95,7 +100,7 @@ def test_every_built_in_loss_gets_the_full_batch_gradients(name: str) -> None:
     from orchestrator.spec import resolve_run
 
     registry = Registry.load()
-    choices = {"loss": name, "encoder": "vit:width=32,depth=1,heads=2,embed_dim=32",
+    choices = {"loss": name + NARROW_HEADS.get(name, ""), "encoder": "vit:width=32,depth=1,heads=2,embed_dim=32",
                "text_encoder": "text-transformer:width=32,depth=1,heads=2,embed_dim=32"}
     if not ({"text", "text-tokens"} & set(registry.get("loss", name).declared.get("needs", ()))):
         del choices["text_encoder"]
