@@ -177,7 +177,7 @@ def _open_runs(store: Any) -> int:
 
     with store.engine.connect() as conn:
         return conn.execute(select(func.count()).select_from(Run)
-                            .where(Run.status.in_(("queued", "running")))).scalar()
+                            .where(Run.c.status.in_(("queued", "running")))).scalar()
 
 
 def _store_worker(url: str, wid: str, lease: float, run_seconds: tuple[float, float], seed: int,
