@@ -90,7 +90,8 @@ def snapshot(store: Any, cwd: Path) -> dict[str, Any]:
 
     attempts = store.attempts(RUN_ID)
     with store.engine.connect() as conn:
-        registered = sorted(r.step for r in conn.execute(select(Checkpoint.c.step).where(Checkpoint.c.run_id == RUN_ID)))
+        query = select(Checkpoint.c.step).where(Checkpoint.c.run_id == RUN_ID)
+        registered = sorted(r.step for r in conn.execute(query))
     rows = store.metrics(RUN_ID)
     lines: list[str] = []
     if attempts:

@@ -99,7 +99,8 @@ def measure(backend: str, workers: int, runs: int, lease: float, pg_admin: str, 
         latencies = [x for r in reports for x in r["latencies"]]
         errors = [e for r in reports for e in r["errors"]]
         with store.engine.connect() as conn:
-            not_finished = conn.execute(select(func.count()).select_from(Run).where(Run.c.status != "finished")).scalar()
+            not_finished = conn.execute(select(func.count()).select_from(Run)
+                                        .where(Run.c.status != "finished")).scalar()
             multi = conn.execute(select(Attempt.c.run_id).group_by(Attempt.c.run_id)
                                  .having(func.count() > 1)).all()
         store.engine.dispose()

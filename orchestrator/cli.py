@@ -28,7 +28,7 @@ COMPONENT_FLAGS = [
 
 def _run_options(func: Any) -> Any:
     """The flags shared by ``queue`` and ``run``: components, then every trainer option."""
-    from orchestrator.spec import TRAINER_OPTIONS
+    from orchestrator.trainer import TRAINER_OPTIONS
 
     for option in reversed(TRAINER_OPTIONS):
         default = "tenth of --steps" if option.name == "warmup" else option.default
@@ -224,7 +224,7 @@ def ls(ctx: click.Context, statuses: tuple[str, ...], limit: int, as_json: bool)
 @click.pass_context
 def show(ctx: click.Context, run_id: int, as_json: bool) -> None:
     """Show a run: its resolved spec, attempts, checkpoints and final metrics."""
-    from orchestrator.spec import masked
+    from orchestrator.options import masked
 
     store = _store(ctx)
     run = store.run(run_id)
@@ -336,7 +336,7 @@ def resume(ctx: click.Context, run_id: int, gpus: int | None) -> None:
 @click.pass_context
 def compare(ctx: click.Context, run_ids: tuple[int, ...], as_json: bool, plot: str | None) -> None:
     """Final metrics of runs side by side, with the options in which their specs differ."""
-    from orchestrator.spec import masked
+    from orchestrator.options import masked
 
     store = _store(ctx)
     runs = [{**r, "spec": masked(r["spec"])} for r in (store.run(i) for i in run_ids)]

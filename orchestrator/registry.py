@@ -14,7 +14,6 @@ import importlib
 import importlib.util
 import inspect
 import os
-import types
 import typing
 import warnings
 from collections.abc import Callable
@@ -27,28 +26,11 @@ import pluggy
 
 from orchestrator import hookspecs
 from orchestrator.errors import UserError
+from orchestrator.options import _MISSING, Option
 
 KINDS = ("dataset", "encoder", "loss", "sampler", "evaluator")
 GROUP = "orch"
 DISABLE_ENV = "ORCH_DISABLE_PLUGINS"  # comma-separated entry point names to skip
-
-_MISSING = inspect.Parameter.empty
-
-
-@dataclass(frozen=True)
-class Option:
-    name: str
-    type: Any  # the annotation object (int, float, Literal[...], ...)
-    default: Any = _MISSING
-
-    @property
-    def required(self) -> bool:
-        return self.default is _MISSING
-
-    @property
-    def type_name(self) -> str:
-        return type_name(self.type)
-
 
 @dataclass
 class Component:
@@ -101,18 +83,6 @@ class Component:
             "status": self.status,
             "error": self.error,
         }
-
-
-def type_name(tp: Any) -> str:
-    if typing.get_origin(tp) is typing.Literal:
-        return "|".join(str(a) for a in typing.get_args(tp))
-    if tp is _MISSING:
-        return "any"
-    if typing.get_origin(tp) in (typing.Union, types.UnionType):  # "int | all", "str | None"
-        return " | ".join("None" if a is type(None) else type_name(a) for a in typing.get_args(tp))
-    if isinstance(tp, type):
-        return tp.__name__
-    return str(tp).replace("typing.", "").replace("pathlib.", "")
 
 
 class Registry:

@@ -11,7 +11,6 @@ import inspect
 import itertools
 import json
 import math
-import re
 import typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +18,9 @@ from types import NoneType, UnionType
 from typing import Any, Literal
 
 from orchestrator.errors import UserError
+from orchestrator.options import is_secret
 from orchestrator.registry import Component, Option, Registry
+from orchestrator.trainer import TRAINER_OPTIONS
 
 SLOTS = {  # command-line flag -> component kind
     "data": "dataset",
@@ -43,47 +44,6 @@ def data_needs(needs: set[str]) -> set[str]:
 MAX_CHOICE_LENGTH = 4096
 
 
-def trainer(
-    steps: int = 500,
-    batch_size: int = 128,
-    lr: float = 1e-3,
-    weight_decay: float = 0.1,
-    warmup: int | None = None,
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto",
-    zero: Literal[0, 1, 2, 3] = 0,
-    gpus: int | Literal["all"] = 1,
-    accum: int = 1,
-    grad_clip: float = 1.0,
-    seed: int = 0,
-    checkpoint_every: int = 100,
-    eval_every: int = 0,
-    log_every: int = 10,
-    workers: int = 0,
-    grad_cache: int = 0,
-    prefetch: int = 2,
-    activation_checkpointing: bool = False,
-    compile: bool = False,
-) -> None:
-    """Trainer settings: every one is a command-line flag (``--batch-size``) with this default.
-
-    ``batch_size`` is the global batch (all ranks, all accumulation steps), as papers report it.
-    ``gpus`` is the number of training processes: one per GPU, or gloo processes on a CPU-only machine;
-    ``all`` takes every GPU of the worker that runs it (``orch worker --gpus``), decided at launch.
-    ``precision=auto`` trains in bf16 on GPUs that support it and in fp32 on the CPU.
-    ``warmup`` (linear, then cosine decay to 0) defaults to a tenth of ``steps``.
-    ``workers`` is the number of data-loading processes per rank (0 loads in the training process); they live
-    for the whole attempt, each keeping ``prefetch`` micro-batches ready.
-    ``activation_checkpointing`` recomputes the encoders' activations in the backward pass (less memory, about
-    a third more compute); ``compile`` runs the encoders' forward through ``torch.compile``.
-    ``eval_every=0`` evaluates at the end only; ``checkpoint_every=0`` checkpoints at the end only.
-    ``grad_cache`` (samples, 0 = off) encodes each micro-batch in chunks of that many samples and caches the
-    embedding gradients (GradCache, Gao et al. 2021): the same step with the activation memory of one chunk.
-    """
-
-
-TRAINER_OPTIONS: list[Option] = []  # filled below from trainer()'s signature
-
-
 @dataclass(frozen=True)
 class ResolvedRun:
     spec: dict[str, Any]
@@ -100,28 +60,6 @@ def canonical_json(spec: dict[str, Any]) -> str:
 
 def spec_hash(spec: dict[str, Any]) -> str:
     return hashlib.sha256(canonical_json(spec).encode()).hexdigest()
-
-
-# --- secrets ------------------------------------------------------------------------------------
-
-SECRET_PARTS = {"token", "key", "password", "passwd", "secret", "apikey", "credential", "credentials"}
-SECRET_WORDS = ("password", "secret")
-MASK = "***"
-
-
-def is_secret(name: str) -> bool:
-    """Options named like credentials (``api_key``, ``hf_token``, ``db_password``) are never logged or printed."""
-    low = name.lower()
-    return any(w in low for w in SECRET_WORDS) or bool(SECRET_PARTS & set(re.split(r"[_\-]", low)))
-
-
-def masked(value: Any) -> Any:
-    """A copy of a spec with the values of secret-looking keys replaced by ``***``."""
-    if isinstance(value, dict):
-        return {k: MASK if is_secret(str(k)) else masked(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [masked(v) for v in value]
-    return value
 
 
 # --- parsing ------------------------------------------------------------------------------------
@@ -411,12 +349,3 @@ def expand_grid(registry: Registry, choices: dict[str, list[str]], trainer_raw: 
             spec = resolve_run(registry, picked, dict(zip(tkeys, tcombo)))
             runs.append(ResolvedRun(spec, name or run_name(spec, registry)))
     return runs
-
-
-def _trainer_options() -> list[Option]:
-    hints = typing.get_type_hints(trainer)
-    return [Option(p.name, hints[p.name], p.default) for p in inspect.signature(trainer).parameters.values()]
-
-
-TRAINER_OPTIONS.extend(_trainer_options())
-

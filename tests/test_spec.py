@@ -10,8 +10,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from orchestrator.errors import UserError
+from orchestrator.options import is_secret, masked
 from orchestrator.registry import Option, Registry
-from orchestrator.spec import expand_grid, is_secret, masked, parse_choice, parse_value, resolve_run, spec_hash
+from orchestrator.spec import expand_grid, parse_choice, parse_value, resolve_run, spec_hash
 
 
 @pytest.fixture(scope="module")

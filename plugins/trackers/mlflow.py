@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from orchestrator import hookimpl
-from orchestrator.spec import is_secret, masked
+from orchestrator.options import is_secret, masked
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
