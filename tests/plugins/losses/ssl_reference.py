@@ -1,5 +1,5 @@
-"""Shared by the tests of the teacher-student losses (moco, byol, simsiam, swav, dino): a tiny bound encoder,
-a numpy forward of the small modules they use (to compute expected values without their code), and a
+"""Shared by the tests of the losses with heads (moco, byol, simsiam, swav, dino, barlow-twins, vicreg): a
+tiny bound encoder, a numpy forward of the small modules they use (to compute expected values without their code), and a
 gloo run of several steps that compares losses, gradients and state with one process on the whole batch."""
 
 from __future__ import annotations
@@ -152,3 +152,22 @@ def assert_ranks_match(name: str, steps: int = 2, n: int = 8, world: int = 2, at
         for key, value in reference["state"].items():
             torch.testing.assert_close(r["state"][key].double(), value.double(), rtol=0, atol=atol, msg=key)
     return reference
+
+
+def assert_loss_on_projector_output(cls: type) -> None:
+    """Barlow Twins and VICReg bound to an encoder project each view through their MLP (Linear-BN-ReLU,
+    Linear-BN-ReLU, Linear) and equal the projector-free loss of the projections; unbound, they refuse."""
+    import pytest
+
+    torch.manual_seed(0)
+    encoder = nn.Linear(5, 8)
+    encoder.embed_dim = 8
+    loss = cls(projector=(16, 16, 4))
+    loss.bind(encoder)
+    linears = [m for m in loss.projector if isinstance(m, nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in linears] == [(8, 16), (16, 16), (16, 4)]
+    views = [encoder(torch.randn(6, 5)) for _ in range(2)]
+    expected = cls(projector=())({"views": [loss.projector(v) for v in views]})["loss"]
+    assert loss({"views": views})["loss"].item() == pytest.approx(expected.item(), rel=1e-6)
+    with pytest.raises(RuntimeError, match="bind"):
+        cls()({"views": views})

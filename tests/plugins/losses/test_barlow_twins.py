@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from ssl_reference import assert_loss_on_projector_output
 
 from orchestrator.registry import Registry, _describe_object, describe
 from orchestrator.testing import check, check_loss_distributed, plugin_registry
@@ -54,20 +55,7 @@ def test_matches_explicit_loops(lambd):
 
 
 def test_the_loss_is_taken_on_the_projector_output():
-    """Bound to an encoder, the loss projects each view through its MLP (Linear-BN-ReLU, Linear-BN-ReLU,
-    Linear) and is the projector-free loss of the projections; the encoder output stays the representation."""
-    torch.manual_seed(0)
-    encoder = torch.nn.Linear(5, 8)
-    encoder.embed_dim = 8
-    loss = BarlowTwins(projector=(16, 16, 4))
-    loss.bind(encoder)
-    linears = [m for m in loss.projector if isinstance(m, torch.nn.Linear)]
-    assert [(m.in_features, m.out_features) for m in linears] == [(8, 16), (16, 16), (16, 4)]
-    views = [encoder(torch.randn(6, 5)) for _ in range(2)]
-    expected = BarlowTwins(projector=())({"views": [loss.projector(v) for v in views]})["loss"]
-    assert loss({"views": views})["loss"].item() == pytest.approx(expected.item(), rel=1e-6)
-    with pytest.raises(RuntimeError, match="bind"):
-        BarlowTwins()({"views": views})
+    assert_loss_on_projector_output(BarlowTwins)
 
 
 def test_contract_and_registration():
