@@ -13,13 +13,22 @@ def effective_precision(requested: str, device_type: str, bf16_supported: bool) 
     return "bf16" if device_type == "cuda" and bf16_supported else "fp32"
 
 
+def clips_outside_deepspeed(trainer: dict[str, Any], precision: str) -> bool:
+    """Whether orch clips the gradients itself, with torch's multi-tensor ``clip_grad_norm_``, just before the
+    optimizer step. At ZeRO-0 without loss scaling the optimizer is the plain torch one and the full, unscaled
+    gradients are in ``.grad``; DeepSpeed's own clip there norms each parameter in a Python loop and waits for the
+    GPU: 5.7 ms of a 19 ms step of the default model on one H100 (bench/overhead.py). ZeRO 1-3 (partitioned
+    gradients) and fp16 (scaled gradients) keep DeepSpeed's."""
+    return trainer["grad_clip"] > 0 and trainer["zero"] == 0 and precision != "fp16"
+
+
 def deepspeed_config(trainer: dict[str, Any], world_size: int, precision: str) -> dict[str, Any]:
     micro = trainer["batch_size"] // (world_size * trainer["accum"])
     config: dict[str, Any] = {
         "train_batch_size": trainer["batch_size"],
         "train_micro_batch_size_per_gpu": micro,
         "gradient_accumulation_steps": trainer["accum"],
-        "gradient_clipping": trainer["grad_clip"],
+        "gradient_clipping": 0.0 if clips_outside_deepspeed(trainer, precision) else trainer["grad_clip"],
         "zero_optimization": {"stage": trainer["zero"]},
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,

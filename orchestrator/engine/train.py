@@ -40,7 +40,7 @@ from orchestrator.engine.checkpoint import (
     write_manifest,
 )
 from orchestrator.engine.compose import Composition, RunModel, build
-from orchestrator.engine.dsconfig import deepspeed_config, effective_precision, warmup_cosine
+from orchestrator.engine.dsconfig import clips_outside_deepspeed, deepspeed_config, effective_precision, warmup_cosine
 from orchestrator.engine.evaluation import EvalContext
 from orchestrator.engine.gradcache import engine_cached_step
 from orchestrator.engine.scale import prepare, run_after_step
@@ -119,6 +119,8 @@ def train(spec: dict[str, Any], registry: Registry, run: RunInfo, store: Store |
     engine, scheduler = make_engine(model, trainer, device, precision, world, load_universal=universal)
     rank, world = dist.get_rank(), dist.get_world_size()
     run = dataclasses.replace(run, device=f"{_device_name(device)} x{world} {precision}")
+    if rank == 0:
+        print(f"orch: run {run.id} trains on {run.device}", flush=True)
 
     step, epoch, batch_in_epoch = 0, 0, 0
     interval: dict[str, torch.Tensor] = {}  # loss sums since the last log, per rank
@@ -179,11 +181,11 @@ def train(spec: dict[str, Any], registry: Registry, run: RunInfo, store: Store |
         epoch_batches, micro_batches = epoch_loader(epoch, batch_in_epoch)
         while batch_in_epoch < epoch_batches:
             for _ in range(trainer["accum"]):
-                batch = _to_device(next(micro_batches), device)
-                if grad_cache:  # GradCache (Gao et al. 2021): the batch in chunks, the same gradients
-                    out = engine_cached_step(engine, batch, grad_cache)
+                batch = next(micro_batches)
+                if grad_cache:  # GradCache (Gao et al. 2021): the batch in chunks, the same gradients; the batch
+                    out = engine_cached_step(engine, batch, grad_cache)  # stays in host memory, chunk by chunk
                 else:
-                    out = engine(batch)
+                    out = engine(_to_device(batch, device))
                     engine.backward(out["loss"])
                 engine.step()
                 for key, value in out.items():
@@ -259,6 +261,16 @@ def make_engine(model: RunModel, trainer: dict[str, Any], device: torch.device, 
                                                    config=config)
     if world == 1 and trainer["zero"] == 0:
         engine.enable_backward_allreduce = False  # averaging over one rank only copies: 1.6% of a CPU step
+    if clips_outside_deepspeed(trainer, precision):
+        if engine.optimizer is not optimizer:
+            raise RuntimeError(f"DeepSpeed wrapped the optimizer in {type(engine.optimizer).__name__} at ZeRO-0; "
+                               f"orch's gradient clipping expects the torch optimizer itself")
+        params = decay + no_decay
+
+        def clip(*_: Any) -> None:  # inside engine.step(), at the accumulation boundary, on the averaged gradients
+            torch.nn.utils.clip_grad_norm_(params, trainer["grad_clip"], foreach=True)
+
+        optimizer.register_step_pre_hook(clip)
     return engine, scheduler
 
 
