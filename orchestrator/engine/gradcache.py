@@ -35,32 +35,39 @@ Path = tuple[str, int | None]  # a feature key, and the index within it when the
 
 
 def cached_step(model: RunModel, batch: dict[str, Any], chunk: int, encode: Encode | None = None,
-                backward: Backward | None = None, score: Score | None = None) -> dict[str, torch.Tensor]:
+                backward: Backward | None = None, score: Score | None = None,
+                device: torch.device | None = None) -> dict[str, torch.Tensor]:
     """One GradCache forward and backward of ``batch``; returns the loss dict (detached), as ``model(batch)``.
 
     ``encode(sub_batch)`` gives the features of a chunk (default ``model.encode``; the DeepSpeed engine's
     forward in ``engine_cached_step``), ``score(features)`` the loss dict (default ``model.score``),
     ``backward(scalar, last)`` backpropagates one surrogate scalar (default ``scalar.backward()``): one per
-    chunk, ``last`` on the final one.
+    chunk, ``last`` on the final one. ``device``: where the chunks are encoded; a batch held elsewhere (in host
+    memory) moves there one chunk at a time, so only the features of the whole batch live on the device.
     """
     if chunk < 1:
         raise ValueError(f"chunk must be at least 1, not {chunk}")
     encode = encode or model.encode
     score = score or model.score
     backward = backward or (lambda scalar, last: scalar.backward())
+    place = (lambda piece: piece) if device is None else (lambda piece: _to(piece, device))  # noqa: E731
     pieces = list(_split(batch, chunk))
     towers = list({id(m): m for m in (model.image_encoder, model.text_encoder) if m is not None}.values())
 
     statistics = _buffers(towers)
     saved = _snapshot(statistics)
-    states, encoded = [], []
+    states, encoded, first = [], [], None
     with torch.no_grad():
         for piece in pieces:
             states.append(_rng_state())
-            encoded.append(encode(piece))
+            placed = place(piece)
+            encoded.append(encode(placed))
+            if first is None:
+                first = placed
     _restore(statistics, saved)  # the graph pass below updates running statistics, once per chunk as usual
 
-    paths = _embedding_paths(encoded[0], pieces[0])
+    paths = _embedding_paths(encoded[0], first)
+    del first
     features, leaves = _join(encoded, paths)
     out = score(features)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -72,7 +79,7 @@ def cached_step(model: RunModel, batch: dict[str, Any], chunk: int, encode: Enco
     offset = 0
     for i, piece in enumerate(pieces):
         _set_rng_state(states[i])
-        again = encode(piece)
+        again = encode(place(piece))
         embeddings = [_get(again, path) for path in paths]
         size = embeddings[0].shape[0] if embeddings else 0
         terms = [(e.to(g.dtype) * g[offset:offset + size]).sum() for e, g in zip(embeddings, leaf_grads)]
@@ -93,12 +100,14 @@ def engine_cached_step(engine: Any, batch: dict[str, Any], chunk: int) -> dict[s
     and 1 reduce the summed gradients once, at the boundary, as without caching; ZeRO 2 reduce-scatters
     after every backward (it partitions gradients as they are produced), once per chunk, and sums the
     partitions, which is the same sum. ZeRO 3 is refused: its parameters are partitioned outside forwards.
-    The engine's boundary is left at this micro-batch's value for the ``engine.step()`` that follows."""
+    The engine's boundary is left at this micro-batch's value for the ``engine.step()`` that follows. ``batch`` may
+    be in host memory (train.py leaves it there): each chunk is copied to the engine's device as it is encoded.
+    """
     if engine.zero_optimization_partition_weights():
         raise UserError("--grad-cache works with --zero 0, 1 or 2, not 3: lower --zero or drop --grad-cache")
     model: RunModel = engine.module
     if chunk >= _batch_size(batch):  # one chunk: the plain step is the same, without the extra forward
-        out = engine(batch)
+        out = engine(_to(batch, engine.device))
         engine.backward(out["loss"])
         return out
     boundary = (engine.micro_steps + 1) % engine.gradient_accumulation_steps() == 0
@@ -114,7 +123,7 @@ def engine_cached_step(engine: Any, batch: dict[str, Any], chunk: int) -> dict[s
             return model.score(features)
 
     return cached_step(model, batch, chunk, encode=lambda piece: engine(piece, part="encode"), backward=backward,
-                       score=score)
+                       score=score, device=engine.device)
 
 
 def _engine_autocast(engine: Any) -> AbstractContextManager[Any]:
@@ -141,6 +150,18 @@ def _slice(value: Any, start: int, stop: int) -> Any:
         return type(value)(_slice(v, start, stop) for v in value)
     if isinstance(value, dict):
         return {k: _slice(v, start, stop) for k, v in value.items()}
+    return value
+
+
+def _to(value: Any, device: torch.device) -> Any:
+    """``value`` (a batch, or any nesting of tensors in lists and dicts) on ``device``; from pinned host memory
+    the copy does not wait."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device, non_blocking=True)
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to(v, device) for v in value)
+    if isinstance(value, dict):
+        return {k: _to(v, device) for k, v in value.items()}
     return value
 
 
