@@ -4,28 +4,30 @@ Measured side by side in one process, on synthetic image-text batches already on
 loading: this is the training step alone), for CLIP ViT-B/32 and ViT-B/16 (image 224, text context 77;
 vision tower 768 wide, 12 layers, 12 heads; text tower 512 wide, 12 layers, 8 heads; embeddings 512):
 
-- orch: the model a run builds (``--encoder vit:...`` ``--text-encoder text-transformer:...`` ``--loss infonce``,
+- ``orch``: the model a run builds (``--encoder vit:...`` ``--text-encoder text-transformer:...`` ``--loss infonce``,
   resolved with ``orchestrator.spec.resolve_run`` and built from the registry), ``engine.scale.prepare`` and
-  ``engine.train.make_engine`` (DeepSpeed; bf16 through DeepSpeed's bf16 mode), then train.py's inner step:
-  ``out = engine(batch)``, ``engine.backward``, ``engine.step``, the logged sums, ``run_after_step``;
-- open_clip: ``open_clip.create_model('ViT-B-16')`` (no weights), ``open_clip.ClipLoss``, the step of
-  ``open_clip_train/train.py`` with ``accum_freq=1``: ``torch.amp.autocast`` bf16, backward, grad-norm clipping
-  at the same 1.0, torch ``AdamW`` with open_clip's parameter groups, betas (0.9, 0.98), eps 1e-6 (not fused, as
-  open_clip creates it), its per-step cosine LR, and the ``logit_scale`` clamp to ln(100).
+  ``engine.train.make_engine`` (DeepSpeed, ZeRO-0; bf16 as DeepSpeed's ``torch_autocast`` over fp32 weights;
+  fused AdamW), then train.py's inner step: ``out = engine(batch)``, ``engine.backward``, ``engine.step``, the
+  logged sums, ``run_after_step``; ``orch --compile`` is the same with ``--compile true``;
+- ``open_clip``: ``open_clip.create_model('ViT-B-16')`` (no weights), ``open_clip.ClipLoss``, the step of
+  ``open_clip_train/train.py`` with ``accum_freq=1``, i.e. its default loop: ``torch.amp.autocast`` bf16, backward,
+  grad-norm clipping at the same 1.0, torch ``AdamW`` with open_clip's parameter groups, betas (0.9, 0.98), eps
+  1e-6 (not fused, as open_clip creates it), its per-step cosine LR, and the ``logit_scale`` clamp to ln(100);
+  ``open_clip --torchcompile`` is the same with open_clip's ``--torchcompile`` (``torch.compile`` of the model).
 
 The towers differ in two known ways: open_clip's text tower has CLIP's 49,408-token BPE embedding (25 M more
 parameters for the optimizer; no FLOPs) where orch's has 259 byte tokens (``--tiny`` gives both 259), and
 open_clip's attention is ``nn.MultiheadAttention`` where orch's calls SDPA directly. Reported per model:
-samples/s per GPU (batch x steps / seconds), the ratio orch / open_clip, forward GFLOPs per sample
+samples/s per GPU (batch x steps / seconds), each variant's ratio to open_clip's default loop, forward GFLOPs per sample
 (``torch.utils.flop_counter``), MFU (samples/s x 3 x forward FLOPs / peak; the peak from a table of bf16 dense
 tensor-core figures by device name, or ``--peak-tflops``) and peak memory. Variants are timed in alternating
 rounds (orch, open_clip, then reversed) after warmup steps.
 
 open_clip is installed for this benchmark only, not a dependency of orch: ``pip install open_clip_torch``.
 
-    python bench/clip_throughput.py                  # GPU: ViT-B/32 and ViT-B/16, batch 256, bf16
+    python bench/clip_throughput.py                  # GPU: ViT-B/32 and ViT-B/16, batch 256, bf16, all variants
     python bench/clip_throughput.py --tiny           # CPU smoke test: a tiny model, a few steps (about a minute)
-    python bench/clip_throughput.py --models ViT-B-16 --batch-size 128 --compile
+    python bench/clip_throughput.py --models ViT-B-16 --variants orch,open_clip
 """
 
 from __future__ import annotations
@@ -216,13 +218,21 @@ class _null:  # noqa: N801 - a context manager that does nothing, like contextli
 
 
 def forward_gflops(forward: Callable[[], None], batch: int) -> float:
-    """Forward GFLOPs per sample, counted by torch (matmuls, convolutions, attention)."""
+    """Forward GFLOPs per sample, counted by torch (matmuls, convolutions, attention) on the eager forward: a
+    compiled variant is compiled by its first training step, not here under a dispatch mode."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+    with torch.no_grad(), torch.compiler.set_stance("force_eager"), FlopCounterMode(display=False) as counter:
         forward()
     return counter.get_total_flops() / batch / 1e9
+
+
+VARIANTS = {"orch": ("orch", False), "orch-compile": ("orch", True), "open_clip": ("open_clip", False),
+            "open_clip-compile": ("open_clip", True)}
+LABELS = {"orch": "orch", "orch-compile": "orch --compile", "open_clip": "open_clip (default loop)",
+          "open_clip-compile": "open_clip --torchcompile"}
+BASELINE = "open_clip"
 
 
 def measure(name: str, args: argparse.Namespace, device: Any) -> dict[str, Any]:
@@ -231,26 +241,36 @@ def measure(name: str, args: argparse.Namespace, device: Any) -> dict[str, Any]:
     s = shapes(name, args.tiny)
     data = synthetic(s, args.batch_size, device)
     total_steps = args.warmup + args.rounds * args.steps_per_round
-    variants = {
-        "orch": Orch(s, args.batch_size, args.precision, total_steps, device, data, args.compile),
-        "open_clip": OpenClip(name, s, args.tiny, args.precision, total_steps, 1e-3, device, data, args.compile),
-    }
     cuda = device.type == "cuda"
 
     def sync() -> None:
         if cuda:
             torch.cuda.synchronize(device)
 
+    variants: dict[str, Any] = {}
+    for key in args.variants:
+        kind, compile_ = VARIANTS[key]
+        if kind == "orch":
+            variants[key] = Orch(s, args.batch_size, args.precision, total_steps, device, data, compile_)
+        else:
+            variants[key] = OpenClip(name, s, args.tiny, args.precision, total_steps, 1e-3, device, data, compile_)
     flops = {k: forward_gflops(v.forward, args.batch_size) for k, v in variants.items()}
     memory: dict[str, float] = {}
-    for key, variant in variants.items():
+    for key, variant in variants.items():  # warmup also compiles; memory: what its steps add to what is held
+        sync()
         if cuda:
+            held = torch.cuda.memory_allocated(device)
             torch.cuda.reset_peak_memory_stats(device)
+        began = time.perf_counter()
         for _ in range(args.warmup):
             variant.step()
         sync()
+        from torch._dynamo.utils import counters
+
+        print(f"{name} {LABELS[key]}: {args.warmup} warmup steps in {time.perf_counter() - began:.1f} s "
+              f"(graphs compiled so far: {counters['stats']['unique_graphs']})", flush=True)
         if cuda:
-            memory[key] = torch.cuda.max_memory_allocated(device) / 2**30
+            memory[key] = (torch.cuda.max_memory_allocated(device) - held) / 2**30
     rounds = []
     for r in range(args.rounds):
         order = list(variants) if r % 2 == 0 else list(variants)[::-1]
@@ -266,17 +286,20 @@ def measure(name: str, args: argparse.Namespace, device: Any) -> dict[str, Any]:
     device_name = torch.cuda.get_device_name(device) if cuda else "cpu"
     peak = peak_tflops(device_name, args.precision, args.peak_tflops)
     result: dict[str, Any] = {"model": name + (" (tiny)" if args.tiny else ""), "shapes": s, "device": device_name,
-                              "precision": args.precision, "batch_size": args.batch_size, "compile": args.compile,
-                              "peak_tflops": peak, "rounds": rounds}
+                              "precision": args.precision, "batch_size": args.batch_size, "peak_tflops": peak,
+                              "rounds": rounds, "variants": {}}
     n = args.rounds * args.steps_per_round * args.batch_size
     for key, variant in variants.items():
-        seconds = sum(t[key] for t in rounds)
-        rate = n / seconds
-        result[key] = {"samples_per_s": rate, "forward_gflops_per_sample": flops[key], "parameters": variant.parameters,
-                       "mfu": rate * 3 * flops[key] * 1e9 / (peak * 1e12) if peak else None,
-                       "peak_memory_gib": memory.get(key)}
-    result["ratio"] = result["orch"]["samples_per_s"] / result["open_clip"]["samples_per_s"]
-    result["median_round_ratio"] = median([t["open_clip"] / t["orch"] for t in rounds])
+        rate = n / sum(t[key] for t in rounds)
+        result["variants"][key] = {
+            "label": LABELS[key], "samples_per_s": rate, "forward_gflops_per_sample": flops[key],
+            "parameters": variant.parameters, "mfu": rate * 3 * flops[key] * 1e9 / (peak * 1e12) if peak else None,
+            "step_memory_gib": memory.get(key)}
+    if BASELINE in variants:
+        base = result["variants"][BASELINE]["samples_per_s"]
+        for key, figures in result["variants"].items():
+            figures["vs_open_clip"] = figures["samples_per_s"] / base
+            figures["median_round_vs_open_clip"] = median([t[BASELINE] / t[key] for t in rounds])
     del variants
     if cuda:
         torch.cuda.empty_cache()
@@ -288,17 +311,23 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="a tiny model and a few steps: the CPU smoke test")
     parser.add_argument("--models", default="ViT-B-32,ViT-B-16", help="comma-separated (default both)")
+    parser.add_argument("--variants", default=None,
+                        help=f"comma-separated, of {', '.join(VARIANTS)} (default all on a GPU; orch,open_clip tiny)")
     parser.add_argument("--batch-size", type=int, default=None, help="per GPU (default 256; 8 with --tiny)")
     parser.add_argument("--precision", default=None, choices=["bf16", "fp32", "fp16"],
                         help="default bf16 on a GPU, fp32 on the CPU")
-    parser.add_argument("--compile", action="store_true",
-                        help="torch.compile both: orch's --compile (the encoders) and open_clip's --torchcompile")
     parser.add_argument("--warmup", type=int, default=None, help="steps of each before timing (default 10; 1 tiny)")
     parser.add_argument("--rounds", type=int, default=None, help="alternating timed rounds (default 6; 2 tiny)")
     parser.add_argument("--steps-per-round", type=int, default=None, help="default 10; 2 with --tiny")
     parser.add_argument("--peak-tflops", type=float, default=None, help="peak for MFU (default: from the GPU's name)")
     parser.add_argument("--json", metavar="PATH", help="also write the figures to this JSON file")
     args = parser.parse_args(argv)
+    if args.variants is None:
+        args.variants = "orch,open_clip" if args.tiny else ",".join(VARIANTS)
+    args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = [v for v in args.variants if v not in VARIANTS]
+    if unknown:
+        parser.error(f"unknown variant(s) {', '.join(unknown)}: choose from {', '.join(VARIANTS)}")
 
     info = header("bench/clip_throughput.py: orch's CLIP training step vs open_clip's")
     os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
@@ -327,25 +356,19 @@ def main(argv: list[str] | None = None) -> int:
 
     results = [measure(name.strip(), args, device) for name in args.models.split(",") if name.strip()]
     print()
-    print(table(["model", "device", "precision", "batch", "orch samples/s", "open_clip samples/s", "orch/open_clip",
-                 "median round ratio", "orch MFU", "open_clip MFU", "fwd GFLOP/sample orch / open_clip",
-                 "params M orch / open_clip", "peak GiB orch / open_clip"],
-                [[r["model"] + (" compiled" if r["compile"] else ""), r["device"], r["precision"], r["batch_size"],
-                  r["orch"]["samples_per_s"], r["open_clip"]["samples_per_s"], r["ratio"], r["median_round_ratio"],
-                  _pct(r["orch"]["mfu"]), _pct(r["open_clip"]["mfu"]),
-                  f"{r['orch']['forward_gflops_per_sample']:.4g} / {r['open_clip']['forward_gflops_per_sample']:.4g}",
-                  f"{r['orch']['parameters'] / 1e6:.1f} / {r['open_clip']['parameters'] / 1e6:.1f}",
-                  _gib(r["orch"]["peak_memory_gib"], r["open_clip"]["peak_memory_gib"])] for r in results]))
+    print(table(["model", "variant", "device", "precision", "batch", "samples/s", "vs open_clip",
+                 "median round vs open_clip", "MFU", "fwd GFLOP/sample", "params M", "step memory GiB"],
+                [[r["model"], v["label"], r["device"], r["precision"], r["batch_size"], v["samples_per_s"],
+                  v.get("vs_open_clip", "n/a"), v.get("median_round_vs_open_clip", "n/a"), _pct(v["mfu"]),
+                  f"{v['forward_gflops_per_sample']:.4g}", f"{v['parameters'] / 1e6:.1f}",
+                  "n/a" if v["step_memory_gib"] is None else f"{v['step_memory_gib']:.1f}"]
+                 for r in results for v in r["variants"].values()]))
     write_json(args.json, {**info, "results": results})
     return 0
 
 
 def _pct(value: float | None) -> str:
     return "n/a" if value is None else f"{100 * value:.1f}%"
-
-
-def _gib(a: float | None, b: float | None) -> str:
-    return "n/a" if a is None or b is None else f"{a:.1f} / {b:.1f}"
 
 
 if __name__ == "__main__":

@@ -67,13 +67,15 @@ def child(config: dict[str, Any]) -> dict[str, Any]:
     n = config["batch_size"]
     generator = torch.Generator().manual_seed(0)
     image_encoder = model.image_encoder
+    chunk = config["chunk"]
+    # as train.py: with caching the batch stays in (pinned) host memory and moves to the device chunk by chunk
+    pinned = bool(chunk) and device.type == "cuda"
+    shape = (n, image_encoder.in_channels, image_encoder.image_size, image_encoder.image_size)
     batch = {
-        "image": torch.rand(n, image_encoder.in_channels, image_encoder.image_size, image_encoder.image_size,
-                            generator=generator) * 2 - 1,
+        "image": torch.empty(shape, pin_memory=pinned).uniform_(-1, 1, generator=generator),  # 40 GB at 65,536
         "text": model.text_tower.tokenize([f"a photo of the digit {i % 10}" for i in range(n)]),
     }
-    batch = {k: v.to(device) for k, v in batch.items()}
-    chunk = config["chunk"]
+    batch = {k: v.pin_memory() if pinned else v.to(device) for k, v in batch.items()}
 
     def step() -> float:
         if chunk:
@@ -115,9 +117,13 @@ def child(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_child(config: dict[str, Any]) -> dict[str, Any]:
+    """One configuration in a subprocess. Running out of GPU memory is a result (the batch does not fit that way),
+    reported as such; any other failure stops the benchmark."""
     proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(config)], capture_output=True, text=True,
                           env={**os.environ, "PYTHONWARNINGS": "ignore"})
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    if proc.returncode and "OutOfMemoryError" in proc.stderr:
+        return {"chunk": config["chunk"], "error": "out of GPU memory"}
     if proc.returncode or not lines:
         raise SystemExit(f"configuration {config} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
     return json.loads(lines[-1])
@@ -129,6 +135,8 @@ def main() -> int:
     parser.add_argument("--chunks", type=int_list, default=[1024, 256], help="GradCache chunk sizes, comma-separated")
     parser.add_argument("--steps", type=int, default=2, help="timed steps per configuration")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps first")
+    parser.add_argument("--skip-off", action="store_true",
+                        help="do not run the uncached step (for a batch known not to fit without caching)")
     parser.add_argument("--encoder", default=SMALL_VIT)
     parser.add_argument("--text-encoder", default=SMALL_TEXT)
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
@@ -154,21 +162,26 @@ def main() -> int:
     print(f"batch {args.batch_size} pairs, {args.encoder} + {args.text_encoder}, {device}, "
           f"{args.warmup} warmup + {args.steps} timed steps per configuration, one subprocess each\n", flush=True)
     results = []
-    for chunk in [0, *args.chunks]:
+    for chunk in [*([] if args.skip_off else [0]), *args.chunks]:
         results.append(run_child({**base, "chunk": chunk}))
         print(f"  chunk {chunk or 'off'}: {results[-1]}", flush=True)
-    plain = results[0]
-    gpu = "peak_gpu_mb" in plain
+    plain = {"error": "not run"} if args.skip_off else results[0]
+    gpu = device == "cuda"
     rows = []
     for r in results:
-        memory = r["peak_gpu_mb"] if gpu else r["step_rss_mb"]
-        plain_memory = plain["peak_gpu_mb"] if gpu else plain["step_rss_mb"]
-        rows.append(["off" if not r["chunk"] else r["chunk"], *([r["peak_gpu_mb"]] if gpu else []),
-                     r["peak_rss_mb"], r["step_rss_mb"], memory / plain_memory, r["samples_per_s"],
-                     r["samples_per_s"] / plain["samples_per_s"], r["samples_per_cpu_s"],
-                     r["samples_per_cpu_s"] / plain["samples_per_cpu_s"], f"{r['first_loss']:.6f}"])
-    headers = ["grad cache chunk", *(["peak GPU MB"] if gpu else []), "peak RSS MB", "RSS added by steps MB",
-               "memory vs off", "samples/s (wall)", "vs off", "samples per CPU s", "vs off", "first loss"]
+        label = "off" if not r["chunk"] else r["chunk"]
+        if "error" in r:
+            rows.append([label, r["error"], *["n/a"] * (8 + gpu)])
+            continue
+        memory_key = "peak_gpu_mb" if gpu else "step_rss_mb"
+        vs_off = {k: "n/a" if "error" in plain else r[k] / plain[k]
+                  for k in (memory_key, "samples_per_s", "samples_per_cpu_s")}
+        rows.append([label, "ok", *([r["peak_gpu_mb"]] if gpu else []), r["peak_rss_mb"], r["step_rss_mb"],
+                     vs_off[memory_key], r["samples_per_s"], vs_off["samples_per_s"], r["samples_per_cpu_s"],
+                     vs_off["samples_per_cpu_s"], f"{r['first_loss']:.6f}"])
+    headers = ["grad cache chunk", "result", *(["peak GPU MB"] if gpu else []), "peak RSS MB",
+               "RSS added by steps MB", "memory vs off", "samples/s (wall)", "vs off", "samples per CPU s", "vs off",
+               "first loss"]
     print()
     print(table(headers, rows))
     write_json(args.json, {**info, "config": base, "results": results})

@@ -345,9 +345,9 @@ def test_clip_throughput_bench_runs_tiny(tmp_path: Path) -> None:
                             text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     [r] = json.loads(out.read_text())["results"]
-    assert r["orch"]["samples_per_s"] > 0 and r["open_clip"]["samples_per_s"] > 0
-    assert r["orch"]["forward_gflops_per_sample"] == pytest.approx(r["open_clip"]["forward_gflops_per_sample"],
-                                                                   rel=1e-3)
+    orch_, open_clip = r["variants"]["orch"], r["variants"]["open_clip"]
+    assert orch_["samples_per_s"] > 0 and open_clip["samples_per_s"] > 0 and open_clip["vs_open_clip"] == 1.0
+    assert orch_["forward_gflops_per_sample"] == pytest.approx(open_clip["forward_gflops_per_sample"], rel=1e-3)
 
 
 if __name__ == "__main__":
