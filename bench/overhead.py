@@ -14,8 +14,7 @@ fixed pre-collated batch is put on the device, and:
   when the run's precision is not fp32, as in an AMP loop; on the GPU the optimizer is fused, as train.py's).
 
 Warmup steps are excluded; the variants are measured in alternating rounds (orch, hand, ..., then the
-reverse order) to cancel drift, together with a diagnostic third variant: the orch step with DeepSpeed's
-data-parallel gradient allreduce switched off (a no-op with one rank, which DeepSpeed still performs).
+reverse order) to cancel drift.
 Reported per device (CPU, and CUDA when available): steps/s of each, the ratio orch/hand (of the totals,
 and the median of the per-round ratios), target >= 0.97, the bitwise agreement of the first step's loss,
 and a per-phase breakdown (forward, backward, optimizer step) from a separate pass. When the ratio is
