@@ -63,6 +63,8 @@ def register_encoders(register: Any) -> None:
       prefix ``[..., :d]`` of the embeddings and averaged.
     - ``set_grad_checkpointing(enabled: bool)``: recompute activations in the backward pass
       (``--activation-checkpointing``).
+    - ``representation(images) -> [B, width]``: the image representation before the projection head, which
+      evaluators read with ``representation=backbone`` (the SimCLR and DINO protocol for self-supervised runs).
     """
 
 

@@ -5,11 +5,16 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from orchestrator.errors import UserError
+
+# what an evaluator reads of an image encoder: its output, or its representation before the projection head
+Representation = Literal["embedding", "backbone"]
 
 
 @dataclass
@@ -31,15 +36,23 @@ class EvalContext:
         return torch.autocast(self.device.type, dtype=self.dtype)
 
     @torch.no_grad()
-    def encode_images(self, images: Sequence[torch.Tensor] | torch.Tensor) -> torch.Tensor:
-        """L2-normalised embeddings of raw image tensors (each C x H x W in [0, 1]), in float32."""
+    def encode_images(self, images: Sequence[torch.Tensor] | torch.Tensor,
+                      representation: Representation = "embedding") -> torch.Tensor:
+        """L2-normalised embeddings of raw image tensors (each C x H x W in [0, 1]), in float32.
+        ``representation="backbone"``: the encoder's ``representation`` before its projection head instead."""
         transform = self.image_encoder.transform
+        encode = self.image_encoder
+        if representation == "backbone":
+            encode = getattr(self.image_encoder, "representation", None)
+            if not callable(encode):
+                raise UserError(f"representation=backbone: the image encoder {type(self.image_encoder).__name__} has "
+                                f"no representation(images) method; use representation=embedding")
         out = []
         for start in range(0, len(images), self.batch_size):
             batch = torch.stack([transform(img) for img in images[start:start + self.batch_size]])
             with self._autocast():
                 kwargs = {"modality": "image"} if self.shared else {}
-                out.append(self.image_encoder(batch.to(self.device), **kwargs).float())
+                out.append(encode(batch.to(self.device), **kwargs).float())
         return F.normalize(torch.cat(out), dim=-1)
 
     @torch.no_grad()
@@ -55,7 +68,8 @@ class EvalContext:
                 out.append(self.text_encoder(tokens.to(self.device), **kwargs).float())
         return F.normalize(torch.cat(out), dim=-1)
 
-    def encode_split(self, split: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        """Embeddings and labels of every sample of a labelled split."""
+    def encode_split(self, split: Any, representation: Representation = "embedding",
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Embeddings (or backbone representations) and labels of every sample of a labelled split."""
         images = [split[i]["image"] for i in range(len(split))]
-        return self.encode_images(images), torch.as_tensor(split.labels)
+        return self.encode_images(images, representation), torch.as_tensor(split.labels)

@@ -72,7 +72,8 @@ class ConvNeXt(nn.Module):
         """Recompute each ConvNeXt block's activations in the backward pass (``plugins.encoders.checkpointing``)."""
         self.grad_checkpointing = enabled
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def representation(self, images: torch.Tensor) -> torch.Tensor:
+        """``[B, width]``: the pooled, normalised backbone output before the projection head."""
         x = images.to(self.features[0][0].weight.dtype)  # fp32 pixels into a bf16/fp16 engine
         for i, part in enumerate(self.features):
             if i % 2:  # the stages (odd indices); the stem and the downsamplings run as they are
@@ -80,4 +81,7 @@ class ConvNeXt(nn.Module):
                     x = run_block(block, self.grad_checkpointing, x)
             else:
                 x = part(x)
-        return self.proj(torch.flatten(self.norm(self.avgpool(x)), 1))
+        return torch.flatten(self.norm(self.avgpool(x)), 1)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.representation(images))

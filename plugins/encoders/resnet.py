@@ -71,10 +71,14 @@ class ResNet(nn.Module):
         """Recompute each residual block's activations in the backward pass (``plugins.encoders.checkpointing``)."""
         self.grad_checkpointing = enabled
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def representation(self, images: torch.Tensor) -> torch.Tensor:
+        """``[B, width]``: the pooled backbone output before the projection head (SimCLR's h)."""
         x = images.to(self.conv1.weight.dtype)  # fp32 pixels into a bf16/fp16 engine
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
             for block in layer:
                 x = run_block(block, self.grad_checkpointing, x)
-        return self.proj(torch.flatten(self.avgpool(x), 1))
+        return torch.flatten(self.avgpool(x), 1)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.representation(images))

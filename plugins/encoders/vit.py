@@ -164,10 +164,13 @@ class VisionTransformer(nn.Module):
             x = run_block(block, self.grad_checkpointing, x)
         return x
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def representation(self, images: torch.Tensor) -> torch.Tensor:
+        """``[B, width]``: the pooled, normalised tokens before the projection head."""
         x = self._trunk(images)
-        x = self.ln_post(x[:, 0] if self.pool == "cls" else x.mean(dim=1))
-        return self.proj(x)
+        return self.ln_post(x[:, 0] if self.pool == "cls" else x.mean(dim=1))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.representation(images))
 
     def forward_tokens(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The projected patch tokens ``[B, N, embed_dim]`` (FILIP: Yao et al. 2022) and an all-True mask."""

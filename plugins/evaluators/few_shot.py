@@ -9,7 +9,7 @@ over the draws are reported.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -34,32 +34,35 @@ class FewShot:
     ``shots``: the numbers of train examples per class (CLIP: 1, 2, 4, 8, 16). ``seeds``: draws per n.
     ``C``: the probe's inverse L2 strength, fixed (n-shot leaves no validation data to choose it; a
     strong penalty keeps a 1-shot probe near the nearest-class-mean classifier). Metrics:
-    ``top1_<n>shot`` and ``top1_<n>shot_std`` (population std over the draws).
+    ``top1_<n>shot`` and ``top1_<n>shot_std`` (population std over the draws). ``representation=backbone``
+    probes the representation before the projection head.
     """
 
     def __init__(self, shots: tuple[int, ...] = (1, 2, 4, 8, 16), seeds: int = 3, C: float = 1.0,
-                 max_iter: int = 1000) -> None:
+                 max_iter: int = 1000, representation: Literal["embedding", "backbone"] = "embedding") -> None:
         if not shots or min(shots) < 1 or seeds < 1 or C <= 0:
             raise UserError(f"few-shot needs shots >= 1, seeds >= 1 and C > 0, got {shots}, {seeds}, {C}")
         self.shots = tuple(shots)
         self.seeds = seeds
         self.C = C
         self.max_iter = max_iter
+        self.representation = representation
         self._seen: dict[str, Any] = {}
 
     def protocol(self) -> dict[str, Any]:
         """Shots, draws, C, the classifier and the split sizes."""
         return {"evaluator": "few-shot linear probe (Radford et al. 2021; Zhou et al. 2022)",
                 "classifier": "scikit-learn LogisticRegression, L-BFGS, L2, multinomial", "C": self.C,
-                "max_iter": self.max_iter, "shots": list(self.shots), "seeds": self.seeds,
+                "max_iter": self.max_iter, "representation": self.representation, "shots": list(self.shots),
+                "seeds": self.seeds,
                 "draw": "n train examples per class without replacement, numpy default_rng([seed, n])",
                 "std": "population std over the draws", "train_split": "train", "eval_split": "test",
                 **self._seen}
 
     def evaluate(self, ctx: EvalContext) -> dict[str, float]:
         dataset = ctx.dataset
-        x_train, y_train = to_numpy(*ctx.encode_split(dataset.train))
-        x_test, y_test = to_numpy(*ctx.encode_split(dataset.test))
+        x_train, y_train = to_numpy(*ctx.encode_split(dataset.train, self.representation))
+        x_test, y_test = to_numpy(*ctx.encode_split(dataset.test, self.representation))
         classes = class_count(dataset, y_train, y_test)
         metrics: dict[str, float] = {}
         for n in self.shots:

@@ -9,7 +9,7 @@ The L2-normalised features of the train split form the memory bank. Each held-ou
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -50,26 +50,31 @@ class KNN:
     """Weighted kNN top-1/top-5 on the held-out split with the train split as the bank (InstDisc, DINO).
 
     ``k`` neighbours (DINO reports k=20), vote weights ``exp(cos / temperature)`` (T=0.07).
+    ``representation``: the encoder's output (``embedding``) or its representation before the projection head
+    (``backbone``, as SimCLR and DINO evaluate self-supervised encoders).
     """
 
-    def __init__(self, k: int = 20, temperature: float = 0.07) -> None:
+    def __init__(self, k: int = 20, temperature: float = 0.07,
+                 representation: Literal["embedding", "backbone"] = "embedding") -> None:
         if k < 1 or temperature <= 0:
             raise UserError(f"knn needs k >= 1 and temperature > 0, got k={k}, temperature={temperature}")
         self.k = k
         self.temperature = temperature
+        self.representation = representation
         self._seen: dict[str, Any] = {}
 
     def protocol(self) -> dict[str, Any]:
         """How the numbers were obtained (sample counts once ``evaluate`` has run)."""
         return {"evaluator": "weighted kNN (Wu et al. 2018; DINO, Caron et al. 2021)", "k": self.k,
-                "temperature": self.temperature, "similarity": "cosine (L2-normalised features)",
+                "temperature": self.temperature, "representation": self.representation,
+                "similarity": "cosine (L2-normalised features)",
                 "weights": "exp(similarity / temperature), summed per class", "bank_split": "train",
                 "eval_split": "test", **self._seen}
 
     def evaluate(self, ctx: EvalContext) -> dict[str, float]:
         dataset = ctx.dataset
-        bank, bank_labels = ctx.encode_split(dataset.train)
-        queries, labels = ctx.encode_split(dataset.test)
+        bank, bank_labels = ctx.encode_split(dataset.train, self.representation)
+        queries, labels = ctx.encode_split(dataset.test, self.representation)
         names = getattr(dataset, "class_names", None)
         classes = len(names) if names else int(max(bank_labels.max(), labels.max())) + 1
         votes = knn_votes(bank, bank_labels, queries, classes, self.k, self.temperature)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -89,30 +89,34 @@ class LinearProbe:
     for the C search; ``refinements`` halvings of CLIP's binary search follow the coarse grid
     10^-6, 10^-4, ..., 10^6 (4: CLIP's 8 steps per decade; 0: the coarse grid alone). The probe with the
     best C is refit on train + validation and scored on the held-out test split (top-1, top-5).
+    ``representation=backbone`` probes the representation before the projection head (SimCLR's protocol).
     """
 
-    def __init__(self, val_fraction: float = 0.2, refinements: int = 4, max_iter: int = 1000) -> None:
+    def __init__(self, val_fraction: float = 0.2, refinements: int = 4, max_iter: int = 1000,
+                 representation: Literal["embedding", "backbone"] = "embedding") -> None:
         if not 0.0 < val_fraction < 1.0 or refinements < 0 or max_iter < 1:
             raise UserError(f"linear-probe needs 0 < val_fraction < 1, refinements >= 0 and max_iter >= 1, got "
                              f"{val_fraction}, {refinements}, {max_iter}")
         self.val_fraction = val_fraction
         self.refinements = refinements
         self.max_iter = max_iter
+        self.representation = representation
         self._seen: dict[str, Any] = {}
 
     def protocol(self) -> dict[str, Any]:
         """The search (every C tried, with its validation top-1), the chosen C and the split sizes."""
         return {"evaluator": "linear probe (Radford et al. 2021, appendix A.3)",
                 "classifier": "scikit-learn LogisticRegression, L-BFGS, L2, multinomial",
-                "max_iter": self.max_iter, "features": "frozen, L2-normalised image embeddings",
+                "max_iter": self.max_iter, "representation": self.representation,
+                "features": "frozen, L2-normalised",
                 "search": f"log10 C from {COARSE[0]:g} to {COARSE[1]:g} step {COARSE[2]:g}, then "
                           f"{self.refinements} halvings around the best (CLIP's parametric binary search)",
                 "val_fraction": self.val_fraction, "refit": "train + val", "eval_split": "test", **self._seen}
 
     def evaluate(self, ctx: EvalContext) -> dict[str, float]:
         dataset = ctx.dataset
-        x_train, y_train = to_numpy(*ctx.encode_split(dataset.train))
-        x_test, y_test = to_numpy(*ctx.encode_split(dataset.test))
+        x_train, y_train = to_numpy(*ctx.encode_split(dataset.train, self.representation))
+        x_test, y_test = to_numpy(*ctx.encode_split(dataset.test, self.representation))
         classes = class_count(dataset, y_train, y_test)
         fit_idx, val_idx = (np.asarray(i) for i in held_out(y_train.tolist(), self.val_fraction))
 

@@ -120,3 +120,12 @@ def test_stage_blocks_are_torchvisions():
         enc = ConvNeXt()
     assert all(isinstance(b, torchvision.models.convnext.CNBlock) for i in (1, 3, 5, 7) for b in enc.features[i])
     assert all(isinstance(enc.features[i][1], nn.Conv2d) for i in (2, 4, 6))  # the downsamplings
+
+
+def test_forward_is_the_head_of_the_representation() -> None:
+    torch.manual_seed(0)
+    enc = ConvNeXt(image_size=28).eval()
+    images = torch.rand(2, 3, 28, 28)
+    representation = enc.representation(images)
+    assert representation.shape == (2, 768)
+    torch.testing.assert_close(enc(images), enc.proj(representation))

@@ -116,3 +116,12 @@ def test_registration_imports_no_torch_and_declares_the_tower():
     assert {o.name: o.default for o in resnet.options} == {
         "arch": "resnet18", "image_size": 28, "in_channels": 3, "small_input": None, "embed_dim": 128,
         "head": "linear", "head_layers": 2, "head_hidden": None, "head_norm": "batch", "nested_dims": ()}
+
+
+def test_forward_is_the_head_of_the_representation() -> None:
+    torch.manual_seed(0)
+    enc = ResNet(image_size=28).eval()  # eval: BatchNorm uses running statistics, so both calls agree
+    images = torch.rand(2, 3, 28, 28)
+    representation = enc.representation(images)
+    assert representation.shape == (2, 512)
+    torch.testing.assert_close(enc(images), enc.proj(representation))

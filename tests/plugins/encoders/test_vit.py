@@ -166,3 +166,13 @@ def test_grad_checkpointing_gives_the_same_outputs_and_gradients(head):
     torch.testing.assert_close(out_b, out_a, rtol=0, atol=1e-6)
     for key in grads_a:
         torch.testing.assert_close(grads_b[key], grads_a[key], rtol=0, atol=1e-6, msg=key)
+
+
+def test_forward_is_the_head_of_the_representation() -> None:
+    """``representation`` is what evaluators read with representation=backbone: the input of the projection head."""
+    torch.manual_seed(0)
+    model = VisionTransformer(head="mlp")
+    images = torch.randn(4, 3, 28, 28)
+    representation = model.representation(images)
+    assert representation.shape == (4, 128)
+    torch.testing.assert_close(model(images), model.proj(representation))

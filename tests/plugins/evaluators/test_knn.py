@@ -111,5 +111,29 @@ def test_registration():
     registry = Registry.load()
     component = registry.get("evaluator", "knn")
     assert component.declared == {"needs": {"label"}}
-    assert [(o.name, o.default) for o in component.options] == [("k", 20), ("temperature", 0.07)]
+    assert [(o.name, o.default) for o in component.options] == [("k", 20), ("temperature", 0.07),
+                                                                 ("representation", "embedding")]
     assert isinstance(check("evaluator", "knn", registry, k=5), KNN)
+
+
+class NoisyHead(PixelClassImage):
+    """Its representation separates the classes; its projection head (forward) throws that away."""
+
+    def representation(self, images: torch.Tensor) -> torch.Tensor:
+        return super().forward(images)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return torch.randn(len(images), self.embed_dim, generator=torch.Generator().manual_seed(len(images)))
+
+
+def test_backbone_representation_is_read_before_the_head(mnist):
+    ctx = EvalContext(NoisyHead(), None, mnist, torch.device("cpu"), batch_size=500)
+    backbone = KNN(representation="backbone")
+    assert backbone.evaluate(ctx)["top1"] == 100.0
+    assert backbone.protocol()["representation"] == "backbone"
+    assert KNN().evaluate(ctx)["top1"] < 20.0  # the embedding: random features, chance is 10%
+
+
+def test_backbone_without_a_representation_method_is_one_line(mnist):
+    with pytest.raises(UserError, match="has no representation\\(images\\) method; use representation=embedding"):
+        KNN(representation="backbone").evaluate(context(mnist))
