@@ -92,6 +92,18 @@ class RunModel(nn.Module):
         return out
 
 
+def to_device(value: Any, device: torch.device) -> Any:
+    """A batch (any nesting of tensors in dicts, lists and tuples) on ``device``; from pinned host memory the
+    copies do not wait."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device, non_blocking=True)
+    if isinstance(value, (list, tuple)):
+        return type(value)(to_device(v, device) for v in value)
+    if isinstance(value, dict):
+        return {k: to_device(v, device) for k, v in value.items()}
+    return value
+
+
 def build(registry: Registry, spec: dict[str, Any]) -> Composition:
     """Build every component with its resolved options. Seed first: all ranks then hold the same init."""
     torch.manual_seed(spec["trainer"]["seed"])

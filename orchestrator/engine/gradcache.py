@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from orchestrator.engine.compose import RunModel
+from orchestrator.engine.compose import RunModel, to_device
 from orchestrator.errors import UserError
 
 Encode = Callable[[dict[str, Any]], dict[str, Any]]
@@ -50,7 +50,7 @@ def cached_step(model: RunModel, batch: dict[str, Any], chunk: int, encode: Enco
     encode = encode or model.encode
     score = score or model.score
     backward = backward or (lambda scalar, last: scalar.backward())
-    place = (lambda piece: piece) if device is None else (lambda piece: _to(piece, device))  # noqa: E731
+    place = (lambda piece: piece) if device is None else (lambda piece: to_device(piece, device))  # noqa: E731
     pieces = list(_split(batch, chunk))
     towers = list({id(m): m for m in (model.image_encoder, model.text_encoder) if m is not None}.values())
 
@@ -107,7 +107,7 @@ def engine_cached_step(engine: Any, batch: dict[str, Any], chunk: int) -> dict[s
         raise UserError("--grad-cache works with --zero 0, 1 or 2, not 3: lower --zero or drop --grad-cache")
     model: RunModel = engine.module
     if chunk >= _batch_size(batch):  # one chunk: the plain step is the same, without the extra forward
-        out = engine(_to(batch, engine.device))
+        out = engine(to_device(batch, engine.device))
         engine.backward(out["loss"])
         return out
     boundary = (engine.micro_steps + 1) % engine.gradient_accumulation_steps() == 0
@@ -150,18 +150,6 @@ def _slice(value: Any, start: int, stop: int) -> Any:
         return type(value)(_slice(v, start, stop) for v in value)
     if isinstance(value, dict):
         return {k: _slice(v, start, stop) for k, v in value.items()}
-    return value
-
-
-def _to(value: Any, device: torch.device) -> Any:
-    """``value`` (a batch, or any nesting of tensors in lists and dicts) on ``device``; from pinned host memory
-    the copy does not wait."""
-    if isinstance(value, torch.Tensor):
-        return value.to(device, non_blocking=True)
-    if isinstance(value, (list, tuple)):
-        return type(value)(_to(v, device) for v in value)
-    if isinstance(value, dict):
-        return {k: _to(v, device) for k, v in value.items()}
     return value
 
 

@@ -39,7 +39,7 @@ from orchestrator.engine.checkpoint import (
     universal_checkpoint,
     write_manifest,
 )
-from orchestrator.engine.compose import Composition, RunModel, build
+from orchestrator.engine.compose import Composition, RunModel, build, to_device
 from orchestrator.engine.dsconfig import clips_outside_deepspeed, deepspeed_config, effective_precision, warmup_cosine
 from orchestrator.engine.evaluation import EvalContext
 from orchestrator.engine.gradcache import engine_cached_step
@@ -185,7 +185,7 @@ def train(spec: dict[str, Any], registry: Registry, run: RunInfo, store: Store |
                 if grad_cache:  # GradCache (Gao et al. 2021): the batch in chunks, the same gradients; the batch
                     out = engine_cached_step(engine, batch, grad_cache)  # stays in host memory, chunk by chunk
                 else:
-                    out = engine(_to_device(batch, device))
+                    out = engine(to_device(batch, device))
                     engine.backward(out["loss"])
                 engine.step()
                 for key, value in out.items():
@@ -360,11 +360,6 @@ def _augment(view: Any, image: torch.Tensor, key: tuple[int, int, int, int]) -> 
         return view(image)
     finally:
         generator.set_state(state)
-
-
-def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    return {k: [t.to(device, non_blocking=True) for t in v] if isinstance(v, list) else v.to(device, non_blocking=True)
-            for k, v in batch.items()}
 
 
 def _refresh_sampler(comp: Composition, model: RunModel, device: torch.device, precision: str) -> None:
