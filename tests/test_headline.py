@@ -9,7 +9,7 @@ import pytest
 from orchestrator.store import Store
 from tests.conftest import orch
 
-pytestmark = [pytest.mark.slow, pytest.mark.exclusive]  # the default run: alone on the CPU under pytest-xdist
+pytestmark = pytest.mark.slow
 
 
 def test_default_clip_run_reaches_90_percent_zero_shot(workdir: Path) -> None:

@@ -76,7 +76,6 @@ def test_two_ranks_equal_one_rank_with_twice_the_batch(n_views):
 
 
 @pytest.mark.slow
-@pytest.mark.exclusive  # a product bar on the default run: alone on the CPU under pytest-xdist
 def test_default_run_beats_the_initial_encoder_by_10_knn_points(workdir):
     """The issue's bar on the shipped MNIST; ntxent stands for the image-image losses in CI (every one is
     measured by bench/methods.py, table in docs/methods.md)."""

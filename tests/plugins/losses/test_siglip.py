@@ -90,7 +90,6 @@ def test_two_ranks_equal_one_rank_with_twice_the_batch():
 
 
 @pytest.mark.slow
-@pytest.mark.exclusive  # a product bar on the default run: alone on the CPU under pytest-xdist
 def test_default_run_reaches_80_percent_zero_shot(workdir):
     """The issue's bar: SigLIP trains the default CLIP run (vit, MNIST, 500 steps of 128) as infonce does."""
     result = run_orch("run", "--data", "mnist", "--encoder", "vit", "--loss", "siglip", "--eval", "zs", "--quiet",
