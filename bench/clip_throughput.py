@@ -237,6 +237,7 @@ BASELINE = "open_clip"
 
 def measure(name: str, args: argparse.Namespace, device: Any) -> dict[str, Any]:
     import torch
+    from torch._dynamo.utils import counters
 
     s = shapes(name, args.tiny)
     data = synthetic(s, args.batch_size, device)
@@ -265,8 +266,6 @@ def measure(name: str, args: argparse.Namespace, device: Any) -> dict[str, Any]:
         for _ in range(args.warmup):
             variant.step()
         sync()
-        from torch._dynamo.utils import counters
-
         print(f"{name} {LABELS[key]}: {args.warmup} warmup steps in {time.perf_counter() - began:.1f} s "
               f"(graphs compiled so far: {counters['stats']['unique_graphs']})", flush=True)
         if cuda:

@@ -101,7 +101,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _engine_rank(rank: int, port: int, out: str, configs: list[dict[str, Any]], device_type: str = "cuda") -> None:
+def _engine_rank(rank: int, port: int, out: str, configs: list[dict[str, Any]]) -> None:
     os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
                        "MASTER_PORT": str(port)})
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
@@ -111,9 +111,8 @@ def _engine_rank(rank: int, port: int, out: str, configs: list[dict[str, Any]], 
     from orchestrator.engine.scale import fp32_master, run_after_step
     from orchestrator.engine.train import make_engine
 
-    device = torch.device(device_type, 0)
-    if device_type == "cuda":
-        torch.cuda.set_device(device)
+    device = torch.device("cuda", 0)
+    torch.cuda.set_device(device)
     results = []
     for config in configs:
         # InfoNCE starts at scale 1/0.07 = 14.3 above its bound of 10: the first step's clamp must reach the masters
