@@ -508,11 +508,22 @@ def _loss_rank(rank: int, world: int, tmp: str, name: str, modules: Sequence[str
     import torch.distributed as dist
 
     dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=world)
-    try:
-        result = _loss_grads(name, modules, options, n * world, dim, (rank, world))
-        torch.save(result, Path(tmp) / f"rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
+    result = _loss_grads(name, modules, options, n * world, dim, (rank, world))
+    torch.save(result, Path(tmp) / f"rank{rank}.pt")
+    leave_rank()
+
+
+def leave_rank() -> None:
+    """End a spawned gloo test rank whose results are saved: wait for every rank, destroy the group, and exit
+    without interpreter teardown. Gloo's threads can abort a process while Python finalizes ("terminate called
+    without an active exception", seen in this suite; pytorch/pytorch#179291), which fails a test that passed."""
+    import torch.distributed as dist
+
+    dist.barrier()
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 # --- the command line -----------------------------------------------------------------------------
