@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 PG_ADMIN = os.environ.get("ORCH_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
@@ -21,6 +22,17 @@ def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     for var in ("ORCH_STORE", "ORCH_RUNS_DIR", "MLFLOW_TRACKING_URI", "ORCH_IMAGENET_ROOT", "ORCH_DISABLE_PLUGINS"):
         monkeypatch.delenv(var, raising=False)
     return tmp_path
+
+
+@pytest.fixture(scope="session")
+def faulty_site(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """The `faulty` test loss (tests/fixtures/faulty-plugin) pip-installed once per session into a site folder;
+    the environment that puts it on a subprocess's path."""
+    target = tmp_path_factory.mktemp("faulty") / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
+                    "--target", str(target), str(ROOT / "tests" / "fixtures" / "faulty-plugin")],
+                   check=True, capture_output=True)
+    return {"PYTHONPATH": f"{target}:{ROOT}"}
 
 
 @pytest.fixture

@@ -17,18 +17,8 @@ from orchestrator.store import Store
 from tests.conftest import orch
 
 pytestmark = pytest.mark.slow
-ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--encoder", "vit:depth=1,width=64,embed_dim=64", "--text-encoder",
          "text-transformer:depth=1,width=64,embed_dim=64", "--batch-size", "64", "--eval", "zs"]
-
-
-@pytest.fixture(scope="module")
-def faulty_site(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    target = tmp_path_factory.mktemp("faulty") / "site"
-    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
-                    "--target", str(target), str(ROOT / "tests" / "fixtures" / "faulty-plugin")],
-                   check=True, capture_output=True)
-    return {"PYTHONPATH": f"{target}:{ROOT}"}
 
 
 def _store(workdir: Path) -> Store:

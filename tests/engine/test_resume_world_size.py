@@ -14,8 +14,6 @@ or the data position is off by far more.
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -24,20 +22,10 @@ from orchestrator.engine.checkpoint import load_rank_state, needs_universal, sav
 from orchestrator.store import Store
 from tests.conftest import orch
 
-ROOT = Path(__file__).resolve().parents[2]
 SMALL = ["--encoder", "vit:depth=1,width=64,embed_dim=64", "--text-encoder",
          "text-transformer:depth=1,width=64,embed_dim=64", "--batch-size", "64", "--steps", "6", "--log-every", "1",
          "--checkpoint-every", "3", "--eval", "zs:split=test", "--quiet"]
 TOLERANCE = 1e-4
-
-
-@pytest.fixture(scope="module")
-def faulty_site(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    target = tmp_path_factory.mktemp("faulty") / "site"
-    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
-                    "--target", str(target), str(ROOT / "tests" / "fixtures" / "faulty-plugin")],
-                   check=True, capture_output=True)
-    return {"PYTHONPATH": f"{target}:{ROOT}"}
 
 
 def _losses(store: Store, run_id: int) -> list[float]:
