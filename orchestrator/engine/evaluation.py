@@ -13,8 +13,9 @@ from torch import nn
 
 from orchestrator.errors import UserError
 
-# what an evaluator reads of an image encoder: its output, or its representation before the projection head
-Representation = Literal["embedding", "backbone"]
+# what an evaluator reads of an image encoder: its output, its representation before the projection head, or
+# ``auto``: the representation when the encoder has one (the protocol of SimCLR, DINO and CLIP's linear probes)
+Representation = Literal["auto", "embedding", "backbone"]
 
 
 @dataclass
@@ -35,6 +36,12 @@ class EvalContext:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.dtype)
 
+    def resolve(self, representation: Representation) -> Literal["embedding", "backbone"]:
+        """``auto`` is ``backbone`` when the image encoder has a ``representation(images)`` method."""
+        if representation != "auto":
+            return representation
+        return "backbone" if callable(getattr(self.image_encoder, "representation", None)) else "embedding"
+
     @torch.no_grad()
     def encode_images(self, images: Sequence[torch.Tensor] | torch.Tensor,
                       representation: Representation = "embedding") -> torch.Tensor:
@@ -42,7 +49,7 @@ class EvalContext:
         ``representation="backbone"``: the encoder's ``representation`` before its projection head instead."""
         transform = self.image_encoder.transform
         encode = self.image_encoder
-        if representation == "backbone":
+        if self.resolve(representation) == "backbone":
             encode = getattr(self.image_encoder, "representation", None)
             if not callable(encode):
                 raise UserError(f"representation=backbone: the image encoder {type(self.image_encoder).__name__} has "

@@ -35,11 +35,12 @@ class FewShot:
     ``C``: the probe's inverse L2 strength, fixed (n-shot leaves no validation data to choose it; a
     strong penalty keeps a 1-shot probe near the nearest-class-mean classifier). Metrics:
     ``top1_<n>shot`` and ``top1_<n>shot_std`` (population std over the draws). ``representation=backbone``
-    probes the representation before the projection head.
+    probes the representation before the projection head; ``auto`` (the default) does so when the encoder
+    has one; ``embedding``: its output.
     """
 
     def __init__(self, shots: tuple[int, ...] = (1, 2, 4, 8, 16), seeds: int = 3, C: float = 1.0,
-                 max_iter: int = 1000, representation: Literal["embedding", "backbone"] = "embedding") -> None:
+                 max_iter: int = 1000, representation: Literal["auto", "embedding", "backbone"] = "auto") -> None:
         if not shots or min(shots) < 1 or seeds < 1 or C <= 0:
             raise UserError(f"few-shot needs shots >= 1, seeds >= 1 and C > 0, got {shots}, {seeds}, {C}")
         self.shots = tuple(shots)
@@ -61,8 +62,9 @@ class FewShot:
 
     def evaluate(self, ctx: EvalContext) -> dict[str, float]:
         dataset = ctx.dataset
-        x_train, y_train = to_numpy(*ctx.encode_split(dataset.train, self.representation))
-        x_test, y_test = to_numpy(*ctx.encode_split(dataset.test, self.representation))
+        representation = ctx.resolve(self.representation)
+        x_train, y_train = to_numpy(*ctx.encode_split(dataset.train, representation))
+        x_test, y_test = to_numpy(*ctx.encode_split(dataset.test, representation))
         classes = class_count(dataset, y_train, y_test)
         metrics: dict[str, float] = {}
         for n in self.shots:
@@ -74,5 +76,6 @@ class FewShot:
                 top1.append(vote_accuracy(scores, torch.as_tensor(y_test))["top1"])
             metrics[f"top1_{n}shot"] = float(np.mean(top1))
             metrics[f"top1_{n}shot_std"] = float(np.std(top1))
-        self._seen = {"train_pool": len(y_train), "test_samples": len(y_test), "classes": classes}
+        self._seen = {"representation": representation,
+                      "train_pool": len(y_train), "test_samples": len(y_test), "classes": classes}
         return metrics

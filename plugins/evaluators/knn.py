@@ -51,11 +51,12 @@ class KNN:
 
     ``k`` neighbours (DINO reports k=20), vote weights ``exp(cos / temperature)`` (T=0.07).
     ``representation``: the encoder's output (``embedding``) or its representation before the projection head
-    (``backbone``, as SimCLR and DINO evaluate self-supervised encoders).
+    (``backbone``, as SimCLR and DINO evaluate self-supervised encoders); ``auto`` (the default) is ``backbone``
+    when the encoder has a ``representation`` method. The protocol records the one used.
     """
 
     def __init__(self, k: int = 20, temperature: float = 0.07,
-                 representation: Literal["embedding", "backbone"] = "embedding") -> None:
+                 representation: Literal["auto", "embedding", "backbone"] = "auto") -> None:
         if k < 1 or temperature <= 0:
             raise UserError(f"knn needs k >= 1 and temperature > 0, got k={k}, temperature={temperature}")
         self.k = k
@@ -73,11 +74,13 @@ class KNN:
 
     def evaluate(self, ctx: EvalContext) -> dict[str, float]:
         dataset = ctx.dataset
-        bank, bank_labels = ctx.encode_split(dataset.train, self.representation)
-        queries, labels = ctx.encode_split(dataset.test, self.representation)
+        representation = ctx.resolve(self.representation)
+        bank, bank_labels = ctx.encode_split(dataset.train, representation)
+        queries, labels = ctx.encode_split(dataset.test, representation)
         names = getattr(dataset, "class_names", None)
         classes = len(names) if names else int(max(bank_labels.max(), labels.max())) + 1
         votes = knn_votes(bank, bank_labels, queries, classes, self.k, self.temperature)
-        self._seen = {"bank_samples": len(bank), "eval_samples": len(queries), "classes": classes,
+        self._seen = {"representation": representation,
+                      "bank_samples": len(bank), "eval_samples": len(queries), "classes": classes,
                       "k_used": min(self.k, len(bank))}
         return vote_accuracy(votes, labels)

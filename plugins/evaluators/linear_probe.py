@@ -89,11 +89,12 @@ class LinearProbe:
     for the C search; ``refinements`` halvings of CLIP's binary search follow the coarse grid
     10^-6, 10^-4, ..., 10^6 (4: CLIP's 8 steps per decade; 0: the coarse grid alone). The probe with the
     best C is refit on train + validation and scored on the held-out test split (top-1, top-5).
-    ``representation=backbone`` probes the representation before the projection head (SimCLR's protocol).
+    ``representation=backbone`` probes the representation before the projection head (SimCLR's protocol, and
+    CLIP's for its ViTs); ``auto`` (the default) does so when the encoder has one; ``embedding``: its output.
     """
 
     def __init__(self, val_fraction: float = 0.2, refinements: int = 4, max_iter: int = 1000,
-                 representation: Literal["embedding", "backbone"] = "embedding") -> None:
+                 representation: Literal["auto", "embedding", "backbone"] = "auto") -> None:
         if not 0.0 < val_fraction < 1.0 or refinements < 0 or max_iter < 1:
             raise UserError(f"linear-probe needs 0 < val_fraction < 1, refinements >= 0 and max_iter >= 1, got "
                              f"{val_fraction}, {refinements}, {max_iter}")
@@ -115,8 +116,9 @@ class LinearProbe:
 
     def evaluate(self, ctx: EvalContext) -> dict[str, float]:
         dataset = ctx.dataset
-        x_train, y_train = to_numpy(*ctx.encode_split(dataset.train, self.representation))
-        x_test, y_test = to_numpy(*ctx.encode_split(dataset.test, self.representation))
+        representation = ctx.resolve(self.representation)
+        x_train, y_train = to_numpy(*ctx.encode_split(dataset.train, representation))
+        x_test, y_test = to_numpy(*ctx.encode_split(dataset.test, representation))
         classes = class_count(dataset, y_train, y_test)
         fit_idx, val_idx = (np.asarray(i) for i in held_out(y_train.tolist(), self.val_fraction))
 
@@ -127,7 +129,8 @@ class LinearProbe:
         log_c, tried = binary_search_log_c(val_top1, self.refinements)
         C = 10.0 ** log_c
         model = fit_logistic(x_train, y_train, C, self.max_iter)
-        self._seen = {"C": C, "log10_C": log_c, "grid": {f"{10.0 ** e:.4g}": 100 * s for e, s in tried.items()},
+        self._seen = {"representation": representation,
+                      "C": C, "log10_C": log_c, "grid": {f"{10.0 ** e:.4g}": 100 * s for e, s in tried.items()},
                       "train_samples": len(fit_idx), "val_samples": len(val_idx), "test_samples": len(y_test),
                       "classes": classes}
         return vote_accuracy(probe_scores(model, x_test, classes), torch.as_tensor(y_test))

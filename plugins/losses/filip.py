@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -22,25 +21,6 @@ def token_similarity(queries: torch.Tensor, query_mask: torch.Tensor, keys: torc
     sim = torch.einsum("ikd,jrd->ijkr", queries, keys)
     best = sim.masked_fill(~key_mask[None, :, None, :], -math.inf).amax(dim=-1)  # [Bq, Bk, K]
     return best.masked_fill(~query_mask[:, None, :], 0).sum(dim=-1) / query_mask.sum(dim=-1, keepdim=True)
-
-
-class _ContiguousGrad(torch.autograd.Function):
-    """Identity whose backward makes the gradient contiguous. The gloo backward of torch's all_gather
-    (``torch.distributed.nn``) scatters into ``empty_like`` copies of the incoming gradients, and scattering
-    into a non-contiguous one (einsum's backward gives such) silently returns wrong gradients."""
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
-        return grad.contiguous()
-
-
-def _gather_tokens(x: torch.Tensor) -> torch.Tensor:
-    """Tokens of every rank, with gradients (``gather_with_grad``) that stay contiguous."""
-    return _ContiguousGrad.apply(gather_with_grad(x))
 
 
 def _masked_mean(tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -87,8 +67,8 @@ class FILIP(nn.Module):
             scale = self.logit_scale.to(dtype).exp()
             labels = torch.arange(image.shape[0], device=image.device) + image.shape[0] * rank()
             unit_image, unit_text = F.normalize(image, dim=-1), F.normalize(text, dim=-1)
-            s_image = token_similarity(unit_image, image_mask, _gather_tokens(unit_text), gather(text_mask))
-            s_text = token_similarity(unit_text, text_mask, _gather_tokens(unit_image), gather(image_mask))
+            s_image = token_similarity(unit_image, image_mask, gather_with_grad(unit_text), gather(text_mask))
+            s_text = token_similarity(unit_text, text_mask, gather_with_grad(unit_image), gather(image_mask))
             token_loss = (F.cross_entropy(scale * s_image, labels) + F.cross_entropy(scale * s_text, labels)) / 2
             out = {"token_loss": token_loss.detach(), "logit_scale": scale.detach().reshape(())}
             loss = token_loss

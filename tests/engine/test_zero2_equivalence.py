@@ -11,36 +11,27 @@ AdamW's first updates are close to lr x sign(gradient), which could turn a flipp
 into a parameter move of up to 2 lr: 1e-4 leaves room for that and is still a hundred times smaller than what a
 sharding bug (a rank training on the wrong half, a loss missing the other rank's negatives, gradients summed
 instead of averaged) does to the loss.
+
+The two runs (tests/engine/conftest.py's SMALL, checkpointed at steps 3 and 6) are the uninterrupted references
+of test_resume_world_size too: each is trained once.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 
-from orchestrator.store import Store
-from tests.conftest import orch
-
 pytestmark = pytest.mark.slow
-
-SMALL = ["--encoder", "vit:depth=1,width=64,embed_dim=64", "--text-encoder",
-         "text-transformer:depth=1,width=64,embed_dim=64", "--batch-size", "64", "--steps", "6", "--log-every", "1",
-         "--checkpoint-every", "0", "--eval", "zs:split=test", "--quiet"]
 TOLERANCE = 1e-4
 
 
-def loss_curve(store: Store, run_id: int) -> list[float]:
-    return [m["value"] for m in store.metrics(run_id) if m["name"] == "train/loss"]
-
-
-def test_zero2_on_two_processes_follows_one_process_with_twice_the_micro_batch(workdir: Path) -> None:
-    for gpus in ("2", "1"):
-        result = orch("run", *SMALL, "--zero", "2", "--gpus", gpus, cwd=workdir)
-        assert result.returncode == 0, result.stdout + result.stderr
-    store = Store.open(f"sqlite:///{workdir}/experiments.db")
-    assert [store.run(i)["spec"]["trainer"]["gpus"] for i in (1, 2)] == [2, 1]
-    two, one = loss_curve(store, 1), loss_curve(store, 2)
+def test_zero2_on_two_processes_follows_one_process_with_twice_the_micro_batch(
+        uninterrupted: Callable[..., dict[str, Any]]) -> None:
+    two, one = uninterrupted("--zero", "2", "--gpus", "2"), uninterrupted("--zero", "2", "--gpus", "1")
+    assert [two["trainer"]["gpus"], one["trainer"]["gpus"]] == [2, 1]
+    two, one = two["losses"], one["losses"]
     assert len(two) == len(one) == 6
     assert two[-1] < two[0] - 0.05  # it learns: the curve is worth comparing
     assert two == pytest.approx(one, abs=TOLERANCE)

@@ -112,7 +112,7 @@ def test_registration():
     component = registry.get("evaluator", "knn")
     assert component.declared == {"needs": {"label"}}
     assert [(o.name, o.default) for o in component.options] == [("k", 20), ("temperature", 0.07),
-                                                                 ("representation", "embedding")]
+                                                                 ("representation", "auto")]
     assert isinstance(check("evaluator", "knn", registry, k=5), KNN)
 
 
@@ -131,7 +131,19 @@ def test_backbone_representation_is_read_before_the_head(mnist):
     backbone = KNN(representation="backbone")
     assert backbone.evaluate(ctx)["top1"] == 100.0
     assert backbone.protocol()["representation"] == "backbone"
-    assert KNN().evaluate(ctx)["top1"] < 20.0  # the embedding: random features, chance is 10%
+    embedding = KNN(representation="embedding")
+    assert embedding.evaluate(ctx)["top1"] < 20.0  # random features, chance is 10%
+    assert embedding.protocol()["representation"] == "embedding"
+
+
+def test_auto_reads_the_backbone_when_the_encoder_has_one(mnist):
+    """The default: the representation before the head where there is one, else the output; recorded."""
+    with_backbone = KNN()
+    assert with_backbone.evaluate(EvalContext(NoisyHead(), None, mnist, torch.device("cpu")))["top1"] == 100.0
+    assert with_backbone.protocol()["representation"] == "backbone"
+    without = KNN()
+    without.evaluate(context(mnist))
+    assert without.protocol()["representation"] == "embedding"
 
 
 def test_backbone_without_a_representation_method_is_one_line(mnist):

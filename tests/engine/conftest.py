@@ -1,0 +1,38 @@
+"""Uninterrupted reference runs shared by the engine tests: test_zero2_equivalence compares ZeRO-2 on 2 processes
+with 1 process, and test_resume_world_size compares a run resumed on N processes with the uninterrupted run on N;
+the ZeRO-2 runs on 1 and 2 processes serve both, so each is trained once per session."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from orchestrator.store import Store
+from tests.conftest import orch
+
+# A small CLIP run: 6 steps of 64, every loss logged, checkpoints at steps 3 and 6, zero-shot on the test split.
+SMALL = ["--encoder", "vit:depth=1,width=64,embed_dim=64", "--text-encoder",
+         "text-transformer:depth=1,width=64,embed_dim=64", "--batch-size", "64", "--steps", "6", "--log-every", "1",
+         "--checkpoint-every", "3", "--eval", "zs:split=test", "--quiet"]
+
+
+@pytest.fixture(scope="session")
+def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., dict[str, Any]]:
+    """``uninterrupted(*flags)``: `orch run SMALL *flags` in a fresh working directory, trained on first use; its
+    trainer spec and its logged train/loss as ``{"trainer": ..., "steps": [...], "losses": [...]}``."""
+    runs: dict[tuple[str, ...], dict[str, Any]] = {}
+
+    def run(*flags: str) -> dict[str, Any]:
+        if flags not in runs:
+            workdir = tmp_path_factory.mktemp("uninterrupted")
+            result = orch("run", *SMALL, *flags, cwd=workdir)
+            assert result.returncode == 0, result.stdout + result.stderr
+            store = Store.open(f"sqlite:///{workdir}/experiments.db")
+            logged = [m for m in store.metrics(1) if m["name"] == "train/loss"]
+            runs[flags] = {"trainer": store.run(1)["spec"]["trainer"], "steps": [m["step"] for m in logged],
+                           "losses": [m["value"] for m in logged]}
+        return runs[flags]
+
+    return run
