@@ -20,8 +20,8 @@ def rank() -> int:
 
 class _GatherWithGrad(torch.autograd.Function):
     """All-gather forward; the backward sums every rank's gradient of the gathered tensor and keeps this
-    rank's slice: a reduce-scatter (NCCL), or an all-reduce and a slice where the backend has no
-    reduce-scatter (gloo before torch 2.6)."""
+    rank's slice: a reduce-scatter on NCCL; an all-reduce and a slice elsewhere (gloo's reduce-scatter is not
+    there in every torch that orch supports)."""
 
     @staticmethod
     def forward(ctx: torch.autograd.function.FunctionCtx, x: torch.Tensor) -> torch.Tensor:
