@@ -1,5 +1,6 @@
-"""How many training processes a run gets, and the command that starts them: torchrun on this machine, or
-DeepSpeed's multi-node runner over a hostfile. Imports no torch: the worker decides before any rank starts.
+"""How many training processes a run gets, and the command that starts them: the process itself when there
+is one, torchrun for several on this machine, or DeepSpeed's multi-node runner over a hostfile. Imports no
+torch: the worker decides before any rank starts.
 
 ``--gpus`` counts training processes: one per GPU, or gloo processes on a machine without CUDA GPUs.
 ``all`` means every GPU this worker may use (every visible GPU, or ``orch worker --gpus N``'s N), decided at
@@ -139,7 +140,7 @@ class Launch:
     """The processes of one attempt: on this machine alone, or across the hostfile's hosts."""
 
     processes: int
-    hosts: list[tuple[str, int]] | None = None  # None: this machine, torchrun
+    hosts: list[tuple[str, int]] | None = None  # None: this machine
 
     @property
     def multi_node(self) -> bool:
@@ -151,7 +152,7 @@ def plan(run_gpus: Gpus, batch_size: int, accum: int, devices: int | None,
     """How many processes the run gets here, or one line saying why it cannot run on this worker."""
     total = sum(slots for _, slots in hosts) if hosts else 0
     if hosts and run_gpus in (ALL, total):
-        launch = Launch(total, hosts if len(hosts) > 1 else None)  # one host: torchrun there, no ssh
+        launch = Launch(total, hosts if len(hosts) > 1 else None)  # one host: no ssh
     elif run_gpus == ALL:
         if devices is None:
             raise UserError("the run asks for --gpus all but no CUDA GPU is visible on this machine: on the CPU "
@@ -169,9 +170,22 @@ def plan(run_gpus: Gpus, batch_size: int, accum: int, devices: int | None,
     return launch
 
 
+def environment(launch: Launch) -> dict[str, str]:
+    """The variables a launcher would set, for the one process ``command`` starts without one. A lone rank
+    needs no rendezvous (the engine gives it an in-memory process group), and skipping torchrun's agent saves
+    its 4 s start on every run; DeepSpeed still looks for the variables, so they are all there."""
+    if launch.processes != 1 or launch.multi_node:
+        return {}
+    return {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
+            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "0"}
+
+
 def command(launch: Launch, train_args: list[str], hostfile: Path | None = None, master_port: int | None = None,
             master_addr: str | None = None) -> list[str]:
-    """The launcher command line: torchrun here, or ``deepspeed --hostfile`` (pdsh over ssh) across machines."""
+    """The launcher command line: the training process itself when it is the only one (with ``environment``),
+    torchrun for several here, or ``deepspeed --hostfile`` (pdsh over ssh) across machines."""
+    if launch.processes == 1 and not launch.multi_node:
+        return [sys.executable, "-m", "orchestrator.engine.train", *train_args]
     if not launch.multi_node:
         return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={launch.processes}",
                 "-m", "orchestrator.engine.train", *train_args]

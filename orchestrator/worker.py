@@ -1,7 +1,7 @@
 """The claim loop: requeue runs of dead workers, claim the next run, launch its ranks, keep its lease.
 
-The worker owns a run's state transitions; its training processes (launched with torchrun, one per
-GPU or gloo processes on a CPU machine) only write metrics and checkpoints, fenced by the attempt.
+The worker owns a run's state transitions; its training processes (one per GPU, or gloo processes on a CPU
+machine; several launched with torchrun) only write metrics and checkpoints, fenced by the attempt.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from sqlalchemy.exc import DBAPIError
 
 from orchestrator.engine.checkpoint import verify
 from orchestrator.errors import UserError
-from orchestrator.launch import Gpus, command, is_this_machine, plan, read_hostfile, worker_devices
+from orchestrator.launch import Gpus, command, environment, is_this_machine, plan, read_hostfile, worker_devices
 from orchestrator.registry import Registry
 from orchestrator.runinfo import RunInfo
 from orchestrator.store import STORE_ENV, Claim, Fenced, Store
@@ -106,7 +106,8 @@ class Worker:
         train_args = ["--run-dir", str(run_dir), "--attempt", str(claim.attempt)]
         if checkpoint:
             train_args += ["--resume-tag", Path(checkpoint["path"]).name]
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", STORE_ENV: self.store.url}  # not argv: ps shows argv
+        env = {**os.environ, **environment(launch), "PYTHONUNBUFFERED": "1",
+               STORE_ENV: self.store.url}  # not argv: ps shows argv
         with open(log_path, "ab") as log, _ExportFile(env, launch.multi_node) as exports:
             argv = command(launch, train_args, self.hostfile, _free_port() if launch.multi_node else None,
                            self.master_addr)

@@ -1,5 +1,6 @@
 """Faults injected into real runs: non-finite loss, crashes, OOM, damaged checkpoints, a full disk, a
-tracker outage. Each run is real (DeepSpeed under torchrun, a real store, a real MLflow server)."""
+tracker outage. Each run is real (DeepSpeed launched as the worker launches it, a real store, a real MLflow
+server)."""
 
 from __future__ import annotations
 

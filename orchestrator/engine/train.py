@@ -254,6 +254,11 @@ def make_engine(model: RunModel, trainer: dict[str, Any], device: torch.device, 
         lr=trainer["lr"], betas=(0.9, 0.98), eps=1e-6, fused=device.type == "cuda",
     )
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(trainer["warmup"], trainer["steps"]))
+    if world == 1 and not dist.is_initialized():  # a lone rank (started without torchrun): no rendezvous
+        from deepspeed.accelerator import get_accelerator
+
+        dist.init_process_group(get_accelerator().communication_backend_name(), store=dist.HashStore(),
+                                rank=0, world_size=1)
     config = deepspeed_config(trainer, world, precision)
     if load_universal:
         config["checkpoint"] = {**config.get("checkpoint", {}), "load_universal": True}

@@ -18,7 +18,7 @@ from orchestrator import launch
 from orchestrator.engine.compose import RunModel
 from orchestrator.engine.scale import fp32_master, prepare, run_after_step
 from orchestrator.errors import UserError
-from orchestrator.launch import Launch, command, parse_gpus, plan, read_hostfile, worker_devices
+from orchestrator.launch import Launch, command, environment, parse_gpus, plan, read_hostfile, worker_devices
 from orchestrator.spec import TRAINER_OPTIONS, resolve_trainer
 from plugins.encoders.text_transformer import TextTransformer
 from plugins.encoders.vit import VisionTransformer
@@ -148,11 +148,15 @@ def test_launch_commands() -> None:
     args = ["--run-dir", "/runs/1", "--attempt", "1"]
     local = command(Launch(2), args)
     assert local[1:6] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m"]
-    assert local[-5:] == ["orchestrator.engine.train", *args]
+    assert local[-5:] == ["orchestrator.engine.train", *args] and environment(Launch(2)) == {}
+    alone = command(Launch(1), args)  # one process: no launcher, the rank variables come from environment()
+    assert alone[1:] == ["-m", "orchestrator.engine.train", *args]
+    assert {k: environment(Launch(1))[k] for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE")} == \
+        {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1"}
     multi = command(Launch(16, [("a", 8), ("b", 8)]), args, Path("/etc/hosts.ds"), 29555, "10.0.0.5")
     assert multi[1:5] == ["-m", "deepspeed.launcher.runner", "--hostfile", "/etc/hosts.ds"]
     assert {"--no_local_rank", "--module", "--master_port=29555", "--master_addr=10.0.0.5"} <= set(multi)
-    assert multi[-5:] == ["orchestrator.engine.train", *args]
+    assert multi[-5:] == ["orchestrator.engine.train", *args] and environment(Launch(1, [("a", 1)])) == {}
 
 
 # --- activation checkpointing and compile -------------------------------------------------------

