@@ -143,6 +143,11 @@ class Launch:
     hosts: list[tuple[str, int]] | None = None  # None: this machine
 
     @property
+    def alone(self) -> bool:
+        """One process on this machine: started without a launcher (``command``, ``environment``)."""
+        return self.processes == 1 and self.hosts is None
+
+    @property
     def multi_node(self) -> bool:
         return self.hosts is not None
 
@@ -174,7 +179,7 @@ def environment(launch: Launch) -> dict[str, str]:
     """The variables a launcher would set, for the one process ``command`` starts without one. A lone rank
     needs no rendezvous (the engine gives it an in-memory process group), and skipping torchrun's agent saves
     its 4 s start on every run; DeepSpeed still looks for the variables, so they are all there."""
-    if launch.processes != 1 or launch.multi_node:
+    if not launch.alone:
         return {}
     return {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
             "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "0"}
@@ -184,7 +189,7 @@ def command(launch: Launch, train_args: list[str], hostfile: Path | None = None,
             master_addr: str | None = None) -> list[str]:
     """The launcher command line: the training process itself when it is the only one (with ``environment``),
     torchrun for several here, or ``deepspeed --hostfile`` (pdsh over ssh) across machines."""
-    if launch.processes == 1 and not launch.multi_node:
+    if launch.alone:
         return [sys.executable, "-m", "orchestrator.engine.train", *train_args]
     if not launch.multi_node:
         return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={launch.processes}",
