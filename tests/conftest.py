@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import uuid
@@ -15,12 +16,25 @@ PG_ADMIN = os.environ.get("ORCH_TEST_PG", "postgresql://postgres@127.0.0.1:5432/
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(scope="session")
+def empty_mlflow_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A migrated, empty MLflow database, made by MLflow once per session: a new one costs every run that
+    creates it seconds of schema migrations."""
+    from mlflow import MlflowClient
+
+    path = tmp_path_factory.mktemp("mlflow") / "mlflow.db"
+    MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments()
+    return path
+
+
 @pytest.fixture
-def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A fresh working directory with its own default store, runs folder and MLflow store."""
+def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, empty_mlflow_db: Path) -> Path:
+    """A fresh working directory with its own default store and runs folder, and a copy of the empty MLflow
+    store (delete ``mlflow.db`` to test its creation)."""
     monkeypatch.chdir(tmp_path)
     for var in ("ORCH_STORE", "ORCH_RUNS_DIR", "MLFLOW_TRACKING_URI", "ORCH_IMAGENET_ROOT", "ORCH_DISABLE_PLUGINS"):
         monkeypatch.delenv(var, raising=False)
+    shutil.copy(empty_mlflow_db, tmp_path / "mlflow.db")
     return tmp_path
 
 

@@ -277,6 +277,7 @@ def test_server_command_binds_loopback_and_restricts_hosts(tmp_path: Path) -> No
 
 
 def test_ui_with_a_tracking_server_prints_its_url(workdir: Path) -> None:
+    (workdir / "mlflow.db").unlink()
     result = orch("ui", cwd=workdir, env={"MLFLOW_TRACKING_URI": "http://127.0.0.1:5999/"})
     assert result.returncode == 0, result.stderr
     assert "http://127.0.0.1:5999" in result.stdout

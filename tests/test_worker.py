@@ -83,6 +83,7 @@ def test_killed_worker_run_resumes_and_ends_like_an_uninterrupted_run(workdir: P
 def test_two_workers_never_run_the_same_run(workdir: Path, backend: str, request: pytest.FixtureRequest) -> None:
     url = f"sqlite:///{workdir}/experiments.db" if backend == "sqlite" else request.getfixturevalue("pg_url")
     env = {**os.environ, "ORCH_STORE": url}
+    (workdir / "mlflow.db").unlink()  # the two workers create the default MLflow store at once
     queued = orch("queue", *SMALL, "--steps", "2", "--eval", "zs:split=test", *[f"--seed={s}" for s in range(4)],
                   cwd=workdir, env=env)
     assert queued.stdout.count("queued run") == 4

@@ -21,16 +21,17 @@ class BYOL(nn.Module):
     paper's cosine over that many steps (set it to ``--steps``). Views: SimCLR crops and jitter with
     BYOL's asymmetric blur (p=1.0 and p=0.1) on large images, SimCLR's small-image recipe (colour strength
     0.5, no blur; ``plugins.losses.views``) on images of 64 pixels or less; the solarisation of the second
-    view is left out.
+    view is left out. ``crop_scale``, ``flip`` and ``color`` as ``ntxent``'s.
     Batch norms use the global batch (SyncBN), so the loss is the same for any number of ranks.
     """
 
-    def __init__(self, tau: float = 0.996, momentum_steps: int = 0, hidden: int = 4096, dim: int = 256) -> None:
+    def __init__(self, tau: float = 0.996, momentum_steps: int = 0, hidden: int = 4096, dim: int = 256,
+                 crop_scale: tuple[float, float] = (0.08, 1.0), flip: bool = True, color: float | None = None) -> None:
         super().__init__()
         if not 0 <= tau <= 1:
             raise ValueError(f"tau must be in [0, 1], not {tau}")
         self.tau, self.momentum_steps, self.hidden, self.dim = tau, momentum_steps, hidden, dim
-        self.views = [augment((0.08, 1.0), imagenet_blur=1.0), augment((0.08, 1.0), imagenet_blur=0.1)]
+        self.views = [augment(crop_scale, 1.0, flip, color, imagenet_blur=p) for p in (1.0, 0.1)]
         self.register_buffer("steps", torch.zeros((), dtype=torch.long))
 
     def bind(self, encoder: nn.Module) -> None:

@@ -40,13 +40,14 @@ class DINO(nn.Module):
     20 times the 0.8M parameters of the default MNIST ViT. ``local_crops`` is 2, not the paper's 8: the
     encoder's transform resizes a local crop to its input size, so each costs a whole forward here (a
     96-pixel crop costs a fifth of a 224 one in the paper), and 2 + 2 crops keep a step at twice the cost of
-    two views on a laptop CPU.
+    two views on a laptop CPU. ``flip=false`` leaves out the horizontal flip (mirrored digits are not
+    digits).
     """
 
     def __init__(self, out_dim: int = 4096, hidden: int = 2048, bottleneck: int = 256, student_temp: float = 0.1,
                  teacher_temp: float = 0.04, warmup_teacher_temp: float = 0.04, warmup_teacher_temp_steps: int = 0,
                  center_momentum: float = 0.9, momentum: float = 0.996, momentum_steps: int = 0,
-                 global_crops: int = 2, local_crops: int = 2) -> None:
+                 global_crops: int = 2, local_crops: int = 2, flip: bool = True) -> None:
         super().__init__()
         if min(student_temp, teacher_temp, warmup_teacher_temp) <= 0 or global_crops < 1:
             raise ValueError("temperatures must be positive and there must be at least one global crop")
@@ -54,7 +55,7 @@ class DINO(nn.Module):
         self.student_temp, self.teacher_temp, self.global_crops = student_temp, teacher_temp, global_crops
         self.warmup_teacher_temp, self.warmup_steps = warmup_teacher_temp, warmup_teacher_temp_steps
         self.center_momentum, self.momentum, self.momentum_steps = center_momentum, momentum, momentum_steps
-        self.views = multicrop_views(global_crops, local_crops)
+        self.views = multicrop_views(global_crops, local_crops, flip=flip)
         self.register_buffer("center", torch.zeros(1, out_dim))
         self.register_buffer("steps", torch.zeros((), dtype=torch.long))
 

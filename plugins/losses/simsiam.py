@@ -18,13 +18,15 @@ class SimSiam(nn.Module):
     bottleneck MLP ``dim -> pred_dim -> dim``), loss ``-(cos(p_1, sg(z_2)) + cos(p_2, sg(z_1))) / 2``.
     No teacher: ``bind`` only sizes the heads for the encoder. Batch norms use the global batch (SyncBN).
     ``std`` logs the per-dimension std of the normalised projections over this rank's batch (the paper's
-    collapse monitor: about ``dim^-1/2`` when healthy, 0 when collapsed).
+    collapse monitor: about ``dim^-1/2`` when healthy, 0 when collapsed). Views: SimCLR's augmentation
+    (``plugins.losses.views``), its options as ``ntxent``'s.
     """
 
-    def __init__(self, dim: int = 2048, pred_dim: int = 512) -> None:
+    def __init__(self, dim: int = 2048, pred_dim: int = 512, crop_scale: tuple[float, float] = (0.08, 1.0),
+                 flip: bool = True, color: float | None = None, blur: float | None = None) -> None:
         super().__init__()
         self.dim, self.pred_dim = dim, pred_dim
-        self.views = simclr_views(2)
+        self.views = simclr_views(2, crop_scale, flip, color, blur)
 
     def bind(self, encoder: nn.Module) -> None:
         """Build the projector and predictor for the encoder's width."""

@@ -52,7 +52,7 @@ class SwAV(nn.Module):
     Multi-crop with SwAV's scales: ``global_crops`` at (0.14, 1) and ``local_crops`` at (0.05, 0.14); 2 local
     crops, not the paper's 6: the encoder's transform resizes a local crop to its input size, so each costs
     a whole forward here (a 96-pixel crop costs a fifth of a 224 one in the paper), and 2 + 2 crops keep a
-    step at twice the cost of two views on a laptop CPU.
+    step at twice the cost of two views on a laptop CPU. ``flip=false`` leaves out the horizontal flip.
     ``prototypes`` is 30, not 3000: the paper uses 3 prototypes per ImageNet class and about 10 per sample
     of its 4096 batch; MNIST has 10 classes and the equipartition of a 128 batch over 3000 prototypes would
     give each fewer than 0.05 samples. Batch norms use the global batch (SyncBN); the queue is gathered
@@ -61,13 +61,14 @@ class SwAV(nn.Module):
 
     def __init__(self, prototypes: int = 30, temperature: float = 0.1, epsilon: float = 0.05,
                  sinkhorn_iterations: int = 3, global_crops: int = 2, local_crops: int = 2, queue_size: int = 0,
-                 freeze_prototypes_steps: int = 313, hidden: int = 2048, dim: int = 128) -> None:
+                 freeze_prototypes_steps: int = 313, hidden: int = 2048, dim: int = 128, flip: bool = True) -> None:
         super().__init__()
         if prototypes < 1 or temperature <= 0 or epsilon <= 0 or queue_size < 0:
             raise ValueError("prototypes, temperature and epsilon must be positive, queue_size non-negative")
         self.temperature, self.epsilon, self.iterations = temperature, epsilon, sinkhorn_iterations
         self.global_crops, self.freeze_steps, self.hidden, self.dim = global_crops, freeze_prototypes_steps, hidden, dim
-        self.views = multicrop_views(global_crops, local_crops, global_scale=(0.14, 1.0), local_scale=(0.05, 0.14))
+        self.views = multicrop_views(global_crops, local_crops, global_scale=(0.14, 1.0), local_scale=(0.05, 0.14),
+                                     flip=flip)
         self.prototypes = nn.Linear(dim, prototypes, bias=False)
         self.normalize_prototypes()
         self.register_buffer("queue", torch.zeros(global_crops, queue_size, dim))

@@ -8,7 +8,13 @@ import pickle
 import torch
 from torchvision.transforms import v2
 
-from plugins.losses.views import SMALL_SIDE, Blur, BySize, augment, multicrop_views, simclr_views
+from plugins.losses.barlow_twins import BarlowTwins
+from plugins.losses.byol import BYOL
+from plugins.losses.dino import DINO
+from plugins.losses.ntxent import NTXent
+from plugins.losses.simsiam import SimSiam
+from plugins.losses.swav import SwAV
+from plugins.losses.views import SMALL_SIDE, Blur, BySize, ResizedCrop, augment, multicrop_views, simclr_views
 
 
 def _steps(view: v2.Compose) -> list:
@@ -63,3 +69,20 @@ def test_views_pickle_for_loader_workers():
     torch.manual_seed(0)
     a = [v(torch.rand(1, 28, 28)) for v in again]
     assert [x.shape[-1] for x in a] == [28, 28, 12, 12]
+
+
+def test_two_view_losses_pass_their_view_options_on():
+    for make in (NTXent, BarlowTwins, BYOL, SimSiam):
+        default, digits = make(), make(crop_scale=(0.3, 1.0), flip=False)
+        for view in digits.views:
+            steps = _steps(view.small)
+            assert next(s for s in steps if isinstance(s, ResizedCrop)).scale == (0.3, 1.0), make
+            assert not any(isinstance(s, v2.RandomHorizontalFlip) for s in steps), make
+        assert any(isinstance(s, v2.RandomHorizontalFlip) for s in _steps(default.views[0].small)), make
+
+
+def test_multicrop_losses_can_leave_out_the_flip():
+    for make in (DINO, SwAV):
+        assert all(not any(isinstance(s, v2.RandomHorizontalFlip) for s in _steps(view.small))
+                   for view in make(flip=False).views), make
+        assert all(any(isinstance(s, v2.RandomHorizontalFlip) for s in _steps(view.small)) for view in make().views)

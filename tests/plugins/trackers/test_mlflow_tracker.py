@@ -49,17 +49,9 @@ def make_run(tmp_path: Path, attempt: int = 1, spec: dict | None = None) -> RunI
                    attempt=attempt, run_dir=run_dir, device="cpu")
 
 
-@pytest.fixture(scope="session")
-def empty_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A migrated, empty MLflow database: copying it saves MLflow's ~4 s of migrations per test."""
-    path = tmp_path_factory.mktemp("mlflow") / "mlflow.db"
-    MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments()
-    return path
-
-
 @pytest.fixture
-def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, empty_db: Path) -> MlflowClient:
-    shutil.copy(empty_db, tmp_path / "mlflow.db")
+def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, empty_mlflow_db: Path) -> MlflowClient:
+    shutil.copy(empty_mlflow_db, tmp_path / "mlflow.db")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
     monkeypatch.delenv("ORCH_EXPERIMENT", raising=False)
     monkeypatch.chdir(tmp_path)
@@ -179,11 +171,11 @@ def test_resume_logs_each_step_once(store, tmp_path, trackers, caplog, same_proc
     assert not tracker_warnings(caplog)
 
 
-def test_default_store_experiment_and_git_commit(tmp_path, monkeypatch, trackers, empty_db):
+def test_default_store_experiment_and_git_commit(tmp_path, monkeypatch, trackers, empty_mlflow_db):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.setenv("ORCH_EXPERIMENT", "lit-sweep")
     monkeypatch.chdir(tmp_path)
-    shutil.copy(empty_db, tmp_path / "mlflow.db")
+    shutil.copy(empty_mlflow_db, tmp_path / "mlflow.db")
     git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
     subprocess.run([*git, "init", "-q"], check=True)
     subprocess.run([*git, "commit", "-q", "--allow-empty", "-m", "c"], check=True)
@@ -278,7 +270,7 @@ def test_unreachable_server_never_fails_the_run(tmp_path, monkeypatch, trackers,
 
 
 def test_buffered_metrics_catch_up_when_the_store_comes_back(tmp_path, monkeypatch, trackers, caplog,
-                                                             empty_db):
+                                                             empty_mlflow_db):
     blocker = tmp_path / "store"
     blocker.write_text("a file where the store's directory should be")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{blocker}/mlflow.db")
@@ -292,7 +284,7 @@ def test_buffered_metrics_catch_up_when_the_store_comes_back(tmp_path, monkeypat
 
     blocker.unlink()
     blocker.mkdir()
-    shutil.copy(empty_db, blocker / "mlflow.db")
+    shutil.copy(empty_mlflow_db, blocker / "mlflow.db")
     tracker.flush()
     client = MlflowClient(tracking_uri=f"sqlite:///{blocker}/mlflow.db")
     found = mlflow_run(client)
