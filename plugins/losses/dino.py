@@ -21,8 +21,9 @@ class DINOHead(nn.Module):
         self.mlp = mlp([in_dim, hidden, hidden, bottleneck], bn=False, act=nn.GELU)
         self.last_layer = nn.Parameter(nn.Linear(bottleneck, out_dim, bias=False).weight.detach())
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.mlp(x), dim=-1) @ F.normalize(self.last_layer, dim=1).T
+    def forward(self, x: torch.Tensor, freeze_last_layer: bool = False) -> torch.Tensor:
+        last = self.last_layer.detach() if freeze_last_layer else self.last_layer
+        return F.normalize(self.mlp(x), dim=-1) @ F.normalize(last, dim=1).T
 
 
 class DINO(nn.Module):
@@ -41,13 +42,15 @@ class DINO(nn.Module):
     encoder's transform resizes a local crop to its input size, so each costs a whole forward here (a
     96-pixel crop costs a fifth of a 224 one in the paper), and 2 + 2 crops keep a step at twice the cost of
     two views on a laptop CPU. ``flip=false`` leaves out the horizontal flip (mirrored digits are not
-    digits).
+    digits). ``freeze_last_layer_steps`` keeps the last layer out of training for that many steps (the
+    official code freezes it for the first epoch, ``freeze_last_layer=1``, "to stabilise training").
     """
 
     def __init__(self, out_dim: int = 4096, hidden: int = 2048, bottleneck: int = 256, student_temp: float = 0.1,
                  teacher_temp: float = 0.04, warmup_teacher_temp: float = 0.04, warmup_teacher_temp_steps: int = 0,
                  center_momentum: float = 0.9, momentum: float = 0.996, momentum_steps: int = 0,
-                 global_crops: int = 2, local_crops: int = 2, flip: bool = True) -> None:
+                 global_crops: int = 2, local_crops: int = 2, flip: bool = True,
+                 freeze_last_layer_steps: int = 0) -> None:
         super().__init__()
         if min(student_temp, teacher_temp, warmup_teacher_temp) <= 0 or global_crops < 1:
             raise ValueError("temperatures must be positive and there must be at least one global crop")
@@ -55,6 +58,7 @@ class DINO(nn.Module):
         self.student_temp, self.teacher_temp, self.global_crops = student_temp, teacher_temp, global_crops
         self.warmup_teacher_temp, self.warmup_steps = warmup_teacher_temp, warmup_teacher_temp_steps
         self.center_momentum, self.momentum, self.momentum_steps = center_momentum, momentum, momentum_steps
+        self.freeze_last_layer_steps = freeze_last_layer_steps
         self.views = multicrop_views(global_crops, local_crops, flip=flip)
         self.register_buffer("center", torch.zeros(1, out_dim))
         self.register_buffer("steps", torch.zeros((), dtype=torch.long))
@@ -72,7 +76,8 @@ class DINO(nn.Module):
         return self.warmup_teacher_temp + (self.teacher_temp - self.warmup_teacher_temp) * step / self.warmup_steps
 
     def forward(self, batch: dict[str, list[torch.Tensor]]) -> dict[str, torch.Tensor]:
-        student = [self.head(v) for v in batch["views"]]
+        frozen = int(self.steps) < self.freeze_last_layer_steps
+        student = [self.head(v, freeze_last_layer=frozen) for v in batch["views"]]
         with torch.no_grad():
             teacher = [self.teacher(x) for x in batch["view_inputs"][:self.global_crops]]
         dtype = torch.promote_types(student[0].dtype, torch.float32)

@@ -18,9 +18,10 @@ class MoCo(nn.Module):
 
     He et al. 2020, "Momentum Contrast for Unsupervised Visual Representation Learning"; Chen et al. 2020,
     "Improved Baselines with Momentum Contrastive Learning" (v2); Chen et al. 2021, "An Empirical Study of
-    Training Self-Supervised Vision Transformers" (v3). Two SimCLR views; ``q`` = head(encoder(view)),
-    ``k`` = the same through the momentum copy (``bind``), both L2-normalised, updated after each step as
-    ``theta_k <- m theta_k + (1 - m) theta_q`` (``m`` rises to 1 on a cosine over ``momentum_steps`` if > 0).
+    Training Self-Supervised Vision Transformers" (v3). Two SimCLR views (view options as ``ntxent``'s);
+    ``q`` = head(encoder(view)), ``k`` = the same through the momentum copy (``bind``), both L2-normalised,
+    updated after each step as ``theta_k <- m theta_k + (1 - m) theta_q`` (``m`` rises to 1 on a cosine
+    over ``momentum_steps`` if > 0).
 
     v2: 2-layer MLP head (2048 hidden, 128 out), ``-log exp(q.k+/T) / (exp(q.k+/T) + sum_queue exp(q.k/T))``
     against a FIFO queue of past keys (random unit vectors at first, as in the official code).
@@ -41,7 +42,8 @@ class MoCo(nn.Module):
 
     def __init__(self, version: Literal["v2", "v3"] = "v2", temperature: float = 0.2, momentum: float = 0.99,
                  momentum_steps: int = 0, queue_size: int = 4096, hidden: int | None = None,
-                 dim: int | None = None) -> None:
+                 dim: int | None = None, crop_scale: tuple[float, float] = (0.08, 1.0), flip: bool = True,
+                 color: float | None = None, blur: float | None = None) -> None:
         super().__init__()
         if version not in ("v2", "v3"):
             raise ValueError(f"version must be v2 or v3, not {version!r}")
@@ -51,7 +53,7 @@ class MoCo(nn.Module):
         self.momentum = momentum
         self.hidden = hidden or {"v2": 2048, "v3": 4096}[version]
         self.dim = dim or {"v2": 128, "v3": 256}[version]
-        self.views = simclr_views(2)
+        self.views = simclr_views(2, crop_scale, flip, color, blur)
         self.register_buffer("steps", torch.zeros((), dtype=torch.long))
         if version == "v2":
             self.register_buffer("queue", F.normalize(torch.randn(queue_size, self.dim), dim=1))

@@ -1,5 +1,5 @@
 """DINO: a hand-computed multi-crop loss with centring and sharpening, the centre update, the teacher
-temperature warmup, the EMA teacher, the weight-normalised head, checkpoint state, ranks."""
+temperature warmup, the EMA teacher, the weight-normalised head and its frozen start, checkpoint state, ranks."""
 
 import numpy as np
 import pytest
@@ -57,6 +57,18 @@ def test_last_layer_is_weight_normalised():
     with torch.no_grad():
         loss.head.last_layer.mul_(torch.arange(1, 7, dtype=torch.float64)[:, None])  # rescale each row
     torch.testing.assert_close(loss.head(v), before, rtol=0, atol=1e-12)
+
+
+def test_last_layer_takes_no_gradient_while_frozen():
+    loss = DINO(**SMALL, freeze_last_layer_steps=2)
+    tower = bound(loss)
+    for step in range(3):
+        loss.head.last_layer.grad = None
+        loss(embed(tower, inputs(3, batch=4)))["loss"].backward()
+        assert (loss.head.last_layer.grad is None) == (step < 2)
+        assert loss.head.mlp[0].weight.grad.abs().sum() > 0  # the rest of the head trains throughout
+        loss.head.mlp[0].weight.grad = None
+        loss.after_step()
 
 
 def test_teacher_temperature_warmup():

@@ -11,6 +11,7 @@ from torchvision.transforms import v2
 from plugins.losses.barlow_twins import BarlowTwins
 from plugins.losses.byol import BYOL
 from plugins.losses.dino import DINO
+from plugins.losses.moco import MoCo
 from plugins.losses.ntxent import NTXent
 from plugins.losses.simsiam import SimSiam
 from plugins.losses.swav import SwAV
@@ -72,7 +73,7 @@ def test_views_pickle_for_loader_workers():
 
 
 def test_two_view_losses_pass_their_view_options_on():
-    for make in (NTXent, BarlowTwins, BYOL, SimSiam):
+    for make in (NTXent, BarlowTwins, MoCo, BYOL, SimSiam):
         default, digits = make(), make(crop_scale=(0.3, 1.0), flip=False)
         for view in digits.views:
             steps = _steps(view.small)
