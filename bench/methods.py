@@ -46,6 +46,11 @@ ROWS += [("swav, epsilon=0.02, no local crops",
 DIGIT_VIEWS = {"barlow-twins": "crop_scale=[0.3,1.0],flip=false", "byol": "crop_scale=[0.5,1.0],flip=false"}
 ROWS += [(f"{loss}, digit views", ["--encoder", "vit", "--loss", f"{loss}:{views}", "--eval", "knn"], "knn/top1",
           "init+10") for loss, views in DIGIT_VIEWS.items()]
+# DINO's centred teacher is uniform from the start here unless its head normalises the batch (docs/methods.md, dino)
+ROWS += [("dino, bn, no local crops, no flip",
+          ["--encoder", "vit", "--loss", "dino:bn=true,local_crops=0,flip=false", "--eval", "knn"], "knn/top1",
+          "init+10"),
+         ("dino, bn", ["--encoder", "vit", "--loss", "dino:bn=true", "--eval", "knn"], "knn/top1", "init+10")]
 ROWS += [
     ("infonce", ["--encoder", "vit", "--loss", "infonce", "--eval", "zs"], "zs/top1", 80.0),
     ("siglip", ["--encoder", "vit", "--loss", "siglip", "--eval", "zs"], "zs/top1", 80.0),

@@ -13,12 +13,13 @@ from plugins.losses.views import multicrop_views
 
 
 class DINOHead(nn.Module):
-    """DINO's head: 3-layer MLP (GELU, no batch norm) to a bottleneck, L2 norm, then a weight-normalised
-    linear layer with its norm fixed at 1 (``norm_last_layer=True``)."""
+    """DINO's head: 3-layer MLP (GELU; batch norm after the hidden layers if ``bn``) to a bottleneck, L2
+    norm, then a weight-normalised linear layer with its norm fixed at 1 (``norm_last_layer=True``)."""
 
-    def __init__(self, in_dim: int, out_dim: int, hidden: int = 2048, bottleneck: int = 256) -> None:
+    def __init__(self, in_dim: int, out_dim: int, hidden: int = 2048, bottleneck: int = 256,
+                 bn: bool = False) -> None:
         super().__init__()
-        self.mlp = mlp([in_dim, hidden, hidden, bottleneck], bn=False, act=nn.GELU)
+        self.mlp = mlp([in_dim, hidden, hidden, bottleneck], bn=bn, act=nn.GELU)
         self.last_layer = nn.Parameter(nn.Linear(bottleneck, out_dim, bias=False).weight.detach())
 
     def forward(self, x: torch.Tensor, freeze_last_layer: bool = False) -> torch.Tensor:
@@ -44,13 +45,14 @@ class DINO(nn.Module):
     two views on a laptop CPU. ``flip=false`` leaves out the horizontal flip (mirrored digits are not
     digits). ``freeze_last_layer_steps`` keeps the last layer out of training for that many steps (the
     official code freezes it for the first epoch, ``freeze_last_layer=1``, "to stabilise training").
+    ``bn`` puts batch norm (over the global batch) in the head's MLP, the official ``use_bn_in_head``.
     """
 
     def __init__(self, out_dim: int = 4096, hidden: int = 2048, bottleneck: int = 256, student_temp: float = 0.1,
                  teacher_temp: float = 0.04, warmup_teacher_temp: float = 0.04, warmup_teacher_temp_steps: int = 0,
                  center_momentum: float = 0.9, momentum: float = 0.996, momentum_steps: int = 0,
                  global_crops: int = 2, local_crops: int = 2, flip: bool = True,
-                 freeze_last_layer_steps: int = 0) -> None:
+                 freeze_last_layer_steps: int = 0, bn: bool = False) -> None:
         super().__init__()
         if min(student_temp, teacher_temp, warmup_teacher_temp) <= 0 or global_crops < 1:
             raise ValueError("temperatures must be positive and there must be at least one global crop")
@@ -58,7 +60,7 @@ class DINO(nn.Module):
         self.student_temp, self.teacher_temp, self.global_crops = student_temp, teacher_temp, global_crops
         self.warmup_teacher_temp, self.warmup_steps = warmup_teacher_temp, warmup_teacher_temp_steps
         self.center_momentum, self.momentum, self.momentum_steps = center_momentum, momentum, momentum_steps
-        self.freeze_last_layer_steps = freeze_last_layer_steps
+        self.freeze_last_layer_steps, self.bn = freeze_last_layer_steps, bn
         self.views = multicrop_views(global_crops, local_crops, flip=flip)
         self.register_buffer("center", torch.zeros(1, out_dim))
         self.register_buffer("steps", torch.zeros((), dtype=torch.long))
@@ -66,7 +68,7 @@ class DINO(nn.Module):
     def bind(self, encoder: nn.Module) -> None:
         """Build the student head for the encoder's width and the teacher copy of encoder and head."""
         self.__dict__["student"] = encoder
-        self.head = DINOHead(width(encoder), self.out_dim, self.hidden, self.bottleneck)
+        self.head = DINOHead(width(encoder), self.out_dim, self.hidden, self.bottleneck, self.bn)
         self.teacher = frozen_copy(nn.Sequential(encoder, self.head))
 
     def teacher_temperature(self) -> float:

@@ -9,6 +9,7 @@ from ssl_reference import assert_ranks_match, bound, embed, inputs, l2n, log_sof
 from orchestrator.registry import Registry, _describe_object, describe
 from orchestrator.testing import check, check_loss_distributed
 from plugins.losses.dino import DINO
+from plugins.losses.heads import GlobalBatchNorm1d
 
 SMALL = {"out_dim": 6, "hidden": 5, "bottleneck": 3, "local_crops": 1}
 
@@ -123,3 +124,13 @@ def test_contract_and_options():
 def test_two_ranks_equal_one_rank_with_twice_the_batch():
     check_loss_distributed("dino", "plugins.losses", hidden=16, out_dim=32, local_crops=1)
     assert_ranks_match("dino", steps=2, hidden=16, out_dim=32, local_crops=1)
+
+
+def test_batch_norm_in_the_head_sees_the_global_batch():
+    loss = DINO(**SMALL, bn=True)
+    bound(loss)
+    assert sum(isinstance(m, GlobalBatchNorm1d) for m in loss.head.mlp) == 2  # after both hidden layers
+    plain = DINO(**SMALL)
+    bound(plain)
+    assert not any(isinstance(m, GlobalBatchNorm1d) for m in plain.head.modules())
+    check_loss_distributed("dino", "plugins.losses", hidden=16, out_dim=32, local_crops=1, bn=True)
