@@ -59,7 +59,9 @@ def test_contract_and_options():
     component = Registry.load().get("loss", "byol")
     assert component.declared["needs"] == {"views"}
     assert [(o.name, o.default) for o in component.options] == [("tau", 0.996), ("momentum_steps", 0),
-                                                                ("hidden", 4096), ("dim", 256)]
+                                                                ("hidden", 4096), ("dim", 256),
+                                                                ("crop_scale", (0.08, 1.0)), ("flip", True),
+                                                                ("color", None)]
     assert len(BYOL().views) == 2
 
 

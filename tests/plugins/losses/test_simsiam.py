@@ -53,7 +53,9 @@ def test_contract_and_options():
     assert describe("plugins.losses.simsiam:SimSiam") == _describe_object(SimSiam)
     component = Registry.load().get("loss", "simsiam")
     assert component.declared["needs"] == {"views"}
-    assert [(o.name, o.default) for o in component.options] == [("dim", 2048), ("pred_dim", 512)]
+    assert [(o.name, o.default) for o in component.options] == [("dim", 2048), ("pred_dim", 512),
+                                                                ("crop_scale", (0.08, 1.0)), ("flip", True),
+                                                                ("color", None), ("blur", None)]
 
 
 def test_two_ranks_equal_one_rank_with_twice_the_batch():
