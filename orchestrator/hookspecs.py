@@ -77,7 +77,8 @@ def register_losses(register: Any) -> None:
     returns a dict with ``loss`` and other scalar tensors worth logging (each is averaged and logged).
     With several ranks it gathers what it must with gradients (``orchestrator.distributed.gather_with_grad``),
     so that 2 ranks x batch B equal 1 rank x batch 2B. An optional ``after_step()`` runs after each
-    optimizer step (clamps, EMA updates).
+    optimizer step (clamps, EMA updates). An optional ``fixed_lr_parameters()`` names parameters the
+    engine keeps at the base learning rate, outside the warmup-cosine schedule (SimSiam's predictor).
 
     A loss that learns from augmented views of each image declares ``needs={"views"}`` (plus ``label``
     if it uses labels) and has ``views``: a list of picklable callables, each mapping a raw image

@@ -247,13 +247,15 @@ def make_engine(model: RunModel, trainer: dict[str, Any], device: torch.device, 
     checkpoint (one saved at another world size), which DeepSpeed must know from the start."""
     import deepspeed
 
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": trainer["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=trainer["lr"], betas=(0.9, 0.98), eps=1e-6, fused=device.type == "cuda",
-    )
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(trainer["warmup"], trainer["steps"]))
+    fixed = {id(p) for p in getattr(model.loss, "fixed_lr_parameters", tuple)()}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    groups = _decay_groups([p for p in trainable if id(p) not in fixed], trainer["weight_decay"])
+    factors = [warmup_cosine(trainer["warmup"], trainer["steps"])] * 2
+    if fixed:  # a loss's fixed-rate parameters (SimSiam's predictor): two more groups, at the base rate throughout
+        groups += _decay_groups([p for p in trainable if id(p) in fixed], trainer["weight_decay"])
+        factors += [_constant] * 2
+    optimizer = torch.optim.AdamW(groups, lr=trainer["lr"], betas=(0.9, 0.98), eps=1e-6, fused=device.type == "cuda")
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factors)
     if world == 1 and not dist.is_initialized():  # a lone rank (started without torchrun): no rendezvous
         from deepspeed.accelerator import get_accelerator
 
@@ -270,13 +272,22 @@ def make_engine(model: RunModel, trainer: dict[str, Any], device: torch.device, 
         if engine.optimizer is not optimizer:
             raise RuntimeError(f"DeepSpeed wrapped the optimizer in {type(engine.optimizer).__name__} at ZeRO-0; "
                                f"orch's gradient clipping expects the torch optimizer itself")
-        params = decay + no_decay
-
         def clip(*_: Any) -> None:  # inside engine.step(), at the accumulation boundary, on the averaged gradients
-            torch.nn.utils.clip_grad_norm_(params, trainer["grad_clip"], foreach=True)
+            torch.nn.utils.clip_grad_norm_(trainable, trainer["grad_clip"], foreach=True)
 
         optimizer.register_step_pre_hook(clip)
     return engine, scheduler
+
+
+def _decay_groups(params: list[torch.nn.Parameter], weight_decay: float) -> list[dict[str, Any]]:
+    """Weight decay on matrices only: biases, norms and temperatures are not decayed (CLIP, open_clip)."""
+    return [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+
+
+def _constant(step: int) -> float:
+    """The LR multiplier of a loss's ``fixed_lr_parameters``: the base rate at every step."""
+    return 1.0
 
 
 class _Shards:

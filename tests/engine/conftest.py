@@ -4,6 +4,7 @@ the ZeRO-2 runs on 1 and 2 processes serve both, so each is trained once per ses
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Callable
 from typing import Any
 
@@ -36,3 +37,14 @@ def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., dic
         return runs[flags]
 
     return run
+
+
+@pytest.fixture
+def one_rank(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The environment torchrun gives a lone rank, on a free port: for tests that build the engine in-process."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": str(port)}.items():
+        monkeypatch.setenv(key, value)

@@ -4,8 +4,6 @@ give the same training."""
 
 from __future__ import annotations
 
-import socket
-
 import pytest
 import torch
 
@@ -24,16 +22,6 @@ def test_only_zero_0_without_loss_scaling_clips_outside_deepspeed() -> None:
         assert clips_outside_deepspeed(trainer, precision) is outside, (zero, precision)
         assert deepspeed_config(trainer, 1, precision)["gradient_clipping"] == (0.0 if outside else 0.5)
     assert not clips_outside_deepspeed(resolve_trainer({"grad_clip": "0"}), "fp32")
-
-
-@pytest.fixture
-def one_rank(monkeypatch: pytest.MonkeyPatch) -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
-                       "MASTER_PORT": str(port)}.items():
-        monkeypatch.setenv(key, value)
 
 
 def _train(zero: int, accum: int, steps: int = 3) -> tuple[list[float], list[torch.Tensor]]:

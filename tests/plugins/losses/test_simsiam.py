@@ -55,7 +55,17 @@ def test_contract_and_options():
     assert component.declared["needs"] == {"views"}
     assert [(o.name, o.default) for o in component.options] == [("dim", 2048), ("pred_dim", 512),
                                                                 ("crop_scale", (0.08, 1.0)), ("flip", True),
-                                                                ("color", None), ("blur", None)]
+                                                                ("color", None), ("blur", None),
+                                                                ("fix_pred_lr", True)]
+
+
+def test_fixed_lr_parameters_are_the_predictor_with_fix_pred_lr():
+    loss = SimSiam(dim=8, pred_dim=4)
+    bound(loss)
+    assert [id(p) for p in loss.fixed_lr_parameters()] == [id(p) for p in loss.predictor.parameters()]
+    unfixed = SimSiam(dim=8, pred_dim=4, fix_pred_lr=False)
+    bound(unfixed)
+    assert unfixed.fixed_lr_parameters() == []
 
 
 def test_two_ranks_equal_one_rank_with_twice_the_batch():
