@@ -18,7 +18,7 @@ from plugins.losses.simsiam import SimSiam
 LR, WARMUP, STEPS = 0.01, 3, 8
 
 
-def _engine(fix_pred_lr: bool) -> tuple[Any, RunModel]:
+def _engine(fix_pred_lr: bool, zero: int = 0) -> tuple[Any, RunModel]:
     from orchestrator.engine.train import make_engine
 
     torch.manual_seed(0)
@@ -26,7 +26,8 @@ def _engine(fix_pred_lr: bool) -> tuple[Any, RunModel]:
     loss = SimSiam(dim=16, pred_dim=4, fix_pred_lr=fix_pred_lr)
     loss.bind(encoder)
     model = RunModel(encoder, None, loss, {"views"})
-    trainer = resolve_trainer({"batch_size": "8", "steps": str(STEPS), "warmup": str(WARMUP), "lr": str(LR)})
+    trainer = resolve_trainer({"batch_size": "8", "steps": str(STEPS), "warmup": str(WARMUP), "lr": str(LR),
+                               "zero": str(zero)})
     engine, _ = make_engine(model, trainer, torch.device("cpu"), "fp32", world=1)
     return engine, model
 
@@ -34,7 +35,8 @@ def _engine(fix_pred_lr: bool) -> tuple[Any, RunModel]:
 def _train(engine: Any, steps: range) -> list[list[float]]:
     """Train the given steps (a batch each, from the step number); the learning rate of every group at each step."""
     used: list[list[float]] = []
-    hook = engine.optimizer.register_step_pre_hook(lambda opt, *_: used.append([g["lr"] for g in opt.param_groups]))
+    torch_optimizer = getattr(engine.optimizer, "optimizer", engine.optimizer)  # inside DeepSpeed's ZeRO wrapper
+    hook = torch_optimizer.register_step_pre_hook(lambda opt, *_: used.append([g["lr"] for g in opt.param_groups]))
     for step in steps:
         generator = torch.Generator().manual_seed(step)
         engine.backward(engine({"views": [torch.rand(8, 3, 16, 16, generator=generator) for _ in range(2)]})["loss"])
@@ -43,14 +45,16 @@ def _train(engine: Any, steps: range) -> list[list[float]]:
     return used
 
 
-def test_the_predictor_keeps_the_base_rate_and_the_rest_follows_the_schedule(one_rank: None) -> None:
-    engine, model = _engine(fix_pred_lr=True)
+@pytest.mark.parametrize("zero", [0, 1])
+def test_the_predictor_keeps_the_base_rate_and_the_rest_follows_the_schedule(one_rank: None, zero: int) -> None:
+    engine, model = _engine(fix_pred_lr=True, zero=zero)
     groups = engine.optimizer.param_groups
-    predictor = {id(p) for p in model.loss.predictor.parameters()}
-    assert [{id(p) for p in g["params"]} <= predictor for g in groups] == [False, False, True, True]
-    assert set().union(*({id(p) for p in g["params"]} for g in groups[2:])) == predictor
-    assert sum(len(g["params"]) for g in groups) == len([p for p in model.parameters() if p.requires_grad])
     assert [g["weight_decay"] > 0 for g in groups] == [True, False, True, False]  # biases and norms: no decay
+    if zero == 0:  # ZeRO flattens each group's parameters into one partition
+        predictor = {id(p) for p in model.loss.predictor.parameters()}
+        assert [{id(p) for p in g["params"]} <= predictor for g in groups] == [False, False, True, True]
+        assert set().union(*({id(p) for p in g["params"]} for g in groups[2:])) == predictor
+        assert sum(len(g["params"]) for g in groups) == len([p for p in model.parameters() if p.requires_grad])
 
     used = _train(engine, range(STEPS))
     schedule = [LR * warmup_cosine(WARMUP, STEPS)(k) for k in range(STEPS)]
