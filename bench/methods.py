@@ -43,7 +43,8 @@ ROWS += [("swav, epsilon=0.02, no local crops",
           ["--encoder", "vit", "--loss", "swav:epsilon=0.02,local_crops=0", "--eval", "knn"], "knn/top1", "init+10")]
 # Views for digits: crops of at least 30-50% of the image (an 8% crop of a 28-pixel digit is often blank) and
 # no horizontal flip (a mirrored 2, 3 or 7 is no digit); the losses without negatives need them here
-DIGIT_VIEWS = {"barlow-twins": "crop_scale=[0.3,1.0],flip=false", "byol": "crop_scale=[0.5,1.0],flip=false"}
+DIGIT_VIEWS = {"barlow-twins": "crop_scale=[0.3,1.0],flip=false", "byol": "crop_scale=[0.5,1.0],flip=false",
+               "simsiam": "crop_scale=[0.5,1.0],flip=false"}
 ROWS += [(f"{loss}, digit views", ["--encoder", "vit", "--loss", f"{loss}:{views}", "--eval", "knn"], "knn/top1",
           "init+10") for loss, views in DIGIT_VIEWS.items()]
 # DINO's centred teacher is uniform from the start here unless its head normalises the batch (docs/methods.md, dino)

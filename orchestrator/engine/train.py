@@ -237,6 +237,7 @@ def train(spec: dict[str, Any], registry: Registry, run: RunInfo, store: Store |
         reporter.close()
         registry.notify("run_ended", run=run, status="finished", error=None)
     dist.barrier()
+    dist.destroy_process_group()  # every rank is past the barrier: nothing is in flight (NCCL warns otherwise)
 
 
 def make_engine(model: RunModel, trainer: dict[str, Any], device: torch.device, precision: str,
