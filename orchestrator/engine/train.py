@@ -273,6 +273,7 @@ def make_engine(model: RunModel, trainer: dict[str, Any], device: torch.device, 
         if engine.optimizer is not optimizer:
             raise RuntimeError(f"DeepSpeed wrapped the optimizer in {type(engine.optimizer).__name__} at ZeRO-0; "
                                f"orch's gradient clipping expects the torch optimizer itself")
+
         def clip(*_: Any) -> None:  # inside engine.step(), at the accumulation boundary, on the averaged gradients
             torch.nn.utils.clip_grad_norm_(trainable, trainer["grad_clip"], foreach=True)
 
