@@ -206,8 +206,9 @@ def test_compile_matches_eager_and_keeps_parameter_names() -> None:
     loss_a, grads_a = _loss_and_grads(eager)
     loss_b, grads_b = _loss_and_grads(compiled)
     torch.testing.assert_close(loss_b, loss_a, rtol=1e-4, atol=1e-5)
-    for name in grads_a:
-        torch.testing.assert_close(grads_b[name], grads_a[name], rtol=1e-3, atol=1e-5, msg=name)
+    for name in grads_a:  # fused kernels sum in another order, with rounding errors that scale with the terms
+        scale = max(1.0, grads_a[name].abs().max().item())
+        torch.testing.assert_close(grads_b[name], grads_a[name], rtol=1e-3, atol=1e-5 * scale, msg=name)
 
 
 def test_compile_refuses_zero_3() -> None:
