@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from plugins.encoders.ms_clip_convs import EarlyConvStem, LateralAdapter, ParallelBranch, stage_sizes
 from plugins.encoders.text_transformer import EOS, VOCAB, TextTransformer
 from plugins.encoders.vit import Block, image_transform, init_blocks, trunc_normal_
 
@@ -45,6 +46,13 @@ class MSCLIP(nn.Module):
     because low-level features differ most between pixels and bytes. Images attend both ways and are pooled
     by ``pool`` (``mean`` of the patch tokens or a ``cls`` token); text is causal and read at its end-of-text
     token, as in CLIP. ``forward(x, modality="image" | "text")``.
+
+    MS-CLIP-S's lightweight modality-specific modules (Sec. 3.2; ``plugins.encoders.ms_clip_convs``), off by
+    default as in the paper's base MS-CLIP: ``early_conv`` makes the image's first layer a conv stem (in place
+    of the patch embedding and the first block; text keeps a specific first block, and ``shared_layers``
+    defaults to ``depth - 1``); ``parallel_branch`` runs a small CNN on the image beside the transformer and
+    adds its k-th stage to the tokens before image layer 2k + 2 (layers counted from 0, the stem included; at
+    most 5 adapters: layers 2, 4, 6, 8, 10 of 12, as the released configs).
     """
 
     def __init__(
@@ -60,11 +68,15 @@ class MSCLIP(nn.Module):
         shared_layers: int | None = None,
         pool: Literal["cls", "mean"] = "mean",
         context_length: int = 32,
+        early_conv: bool = False,
+        parallel_branch: bool = False,
     ) -> None:
         super().__init__()
-        shared = depth if shared_layers is None else shared_layers
-        if not 0 <= shared <= depth:
-            raise ValueError(f"shared_layers must be between 0 and depth={depth}, not {shared}")
+        shared = depth - early_conv if shared_layers is None else shared_layers
+        if not 0 <= shared <= depth - early_conv:
+            raise ValueError(f"shared_layers must be between 0 and depth={depth}"
+                             f"{' - 1 (early_conv makes the first image layer a conv stem)' if early_conv else ''}, "
+                             f"not {shared}")
         if image_size % patch_size:
             raise ValueError(f"image_size {image_size} is not divisible by patch_size {patch_size}")
         if pool not in ("cls", "mean"):
@@ -72,19 +84,34 @@ class MSCLIP(nn.Module):
         if context_length < 2:
             raise ValueError("context_length must leave room for BOS and EOS")
         self.embed_dim, self.pool, self.context_length = embed_dim, pool, context_length
-        self.patch_embed = nn.Conv2d(in_channels, width, patch_size, stride=patch_size, bias=False)
+        grid = image_size // patch_size
+        sizes = stage_sizes(image_size, patch_size) if early_conv or parallel_branch else []
+        if sizes and sizes[-1] != grid:
+            raise ValueError(f"MS-CLIP's convolutions halve {image_size}-pixel images to {sizes[-1]}, not to the "
+                             f"{grid}x{grid} patch grid: choose an image_size / patch_size that is a power of two")
+        if parallel_branch and depth < 3:
+            raise ValueError(f"parallel_branch adds its first stage before image layer 2: depth {depth} has none")
+        self.patch_embed = (EarlyConvStem(in_channels, width, patch_size) if early_conv else
+                            nn.Conv2d(in_channels, width, patch_size, stride=patch_size, bias=False))
         self.cls_token = nn.Parameter(torch.zeros(1, 1, width)) if pool == "cls" else None
         self.image_pos = nn.Parameter(torch.zeros(1, (image_size // patch_size) ** 2 + (pool == "cls"), width))
         self.ln_pre = nn.LayerNorm(width)
         self.token_embed = nn.Embedding(VOCAB, width)
         self.text_pos = nn.Parameter(torch.zeros(1, context_length, width))
+        specific = {"image": depth - shared - early_conv, "text": depth - shared}
         self.specific_blocks = nn.ModuleDict(
-            {m: nn.ModuleList(Block(width, heads, mlp_ratio) for _ in range(depth - shared)) for m in MODALITIES})
+            {m: nn.ModuleList(Block(width, heads, mlp_ratio) for _ in range(specific[m])) for m in MODALITIES})
         self.shared_blocks = nn.ModuleList(SharedBlock(width, heads, mlp_ratio) for _ in range(shared))
         self.ln_final = nn.ModuleDict({m: nn.LayerNorm(width) for m in MODALITIES})
         self.proj = nn.ModuleDict({m: nn.Linear(width, embed_dim, bias=False) for m in MODALITIES})
+        self.branch, self.adapters, self.adapted_layers = None, nn.ModuleList(), list(range(2, depth, 2))[:5]
+        if parallel_branch:
+            self.branch = ParallelBranch(in_channels, width, patch_size)
+            self.adapters.extend(LateralAdapter(width // 16 * 2**k, width, sizes[k], grid)
+                                 for k in range(len(self.adapted_layers)))
         # CLIP's initialisation, as in vit and text-transformer; residual projections scaled by the full depth.
-        trunc_normal_(self.patch_embed.weight, (in_channels * patch_size**2) ** -0.5)
+        if not early_conv:
+            trunc_normal_(self.patch_embed.weight, (in_channels * patch_size**2) ** -0.5)
         for p in (self.image_pos, self.cls_token, self.proj["image"].weight, self.proj["text"].weight):
             if p is not None:
                 trunc_normal_(p, width**-0.5)
@@ -98,7 +125,7 @@ class MSCLIP(nn.Module):
 
     def forward(self, x: torch.Tensor, *, modality: Literal["image", "text"]) -> torch.Tensor:
         if modality == "image":
-            images = x.to(self.patch_embed.weight.dtype)  # fp32 pixels into a bf16/fp16 engine
+            images = stage = x.to(self.image_pos.dtype)  # fp32 pixels into a bf16/fp16 engine
             h = self.patch_embed(images).flatten(2).transpose(1, 2)  # [B, N, width]
             if self.cls_token is not None:
                 h = torch.cat([self.cls_token.expand(h.shape[0], -1, -1).to(h.dtype), h], dim=1)
@@ -108,10 +135,14 @@ class MSCLIP(nn.Module):
         else:
             raise ValueError(f"modality must be 'image' or 'text', not {modality!r}")
         causal = modality == "text"
-        for block in self.specific_blocks[modality]:
-            h = block(h, causal=causal)
-        for block in self.shared_blocks:
-            h = block(h, modality, causal=causal)
+        blocks = [*self.specific_blocks[modality], *self.shared_blocks]
+        first = 1 if modality == "image" and isinstance(self.patch_embed, EarlyConvStem) else 0  # the stem is layer 0
+        for layer, block in enumerate(blocks, start=first):
+            if modality == "image" and self.branch is not None and layer in self.adapted_layers:
+                k = self.adapted_layers.index(layer)
+                stage = self.branch.stages[k](stage)
+                h = self.adapters[k](h, stage)
+            h = block(h, modality, causal=causal) if isinstance(block, SharedBlock) else block(h, causal=causal)
         h = self.ln_final[modality](h)
         if modality == "text":
             h = h[torch.arange(h.shape[0], device=h.device), (x == EOS).int().argmax(dim=1)]

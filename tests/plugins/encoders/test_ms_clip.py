@@ -72,3 +72,72 @@ def test_registration():
     assert component.declared["modality"] == "both"
     assert component.option("shared_layers").default is None
     assert describe("plugins.encoders.ms_clip:MSCLIP") == _describe_object(MSCLIP)
+
+
+# MS-CLIP-S's image-only modules (plugins/encoders/ms_clip_convs.py)
+def test_the_released_configs_geometry():
+    """B/32 and B/16 at 224 pixels as github.com/Hxyou/MSCLIP builds them: T2B kernels = strides 16,8,4,2,1 and
+    8,4,2,1,1; conv strides 2,2,2,2,2 and 2,2,2,2,1; adapters before layers 2, 4, 6, 8, 10 of 12."""
+    for patch, t2b, strides in ((32, [16, 8, 4, 2, 1], [2, 2, 2, 2, 2]), (16, [8, 4, 2, 1, 1], [2, 2, 2, 2, 1])):
+        enc = MSCLIP(image_size=224, patch_size=patch, width=64, depth=12, heads=2, early_conv=True,
+                     parallel_branch=True, pool="cls")
+        assert [a.t2b[0].kernel_size[0] for a in enc.adapters] == [a.t2b[0].stride[0] for a in enc.adapters] == t2b
+        convs = [m for m in enc.patch_embed.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3)]
+        assert [m.stride[0] for m in convs] == strides
+        assert enc.adapted_layers == [2, 4, 6, 8, 10]
+        assert len(enc.specific_blocks["image"]) == 0 and len(enc.shared_blocks) == 11  # the stem is layer 0
+        assert len(enc.specific_blocks["text"]) == 1  # text keeps a specific first block
+        assert enc.patch_embed(torch.rand(1, 3, 224, 224)).shape == (1, 64, 224 // patch, 224 // patch)
+
+
+def test_early_conv_replaces_the_first_image_layer():
+    torch.manual_seed(0)
+    enc = MSCLIP(early_conv=True, **SMALL)
+    assert len(enc.shared_blocks) == 2 and len(enc.specific_blocks["text"]) == 1
+    assert enc.patch_embed(torch.rand(2, 3, 28, 28)).shape == (2, 32, 4, 4)  # the 4x4 grid of 7-pixel patches
+    image, text = _grads(enc, "image"), _grads(enc, "text")
+    assert any(n.startswith("patch_embed.stages.4.") for n in image)  # every stage of the stem trains
+    assert not any(n.startswith("patch_embed.") for n in text)
+    assert {n for n in image & text} == {n for n in image & text if n.startswith("shared_blocks.")}
+
+
+def test_the_parallel_branch_feeds_the_image_tokens_only():
+    torch.manual_seed(0)
+    enc = MSCLIP(parallel_branch=True, width=32, depth=7, heads=2, embed_dim=16)
+    assert enc.adapted_layers == [2, 4, 6] and len(enc.adapters) == 3
+    image, text = _grads(enc, "image"), _grads(enc, "text")
+    assert {n.split(".")[2] for n in image if n.startswith("branch.stages.")} == {"0", "1", "2"}  # stages 3, 4 unused
+    assert not any(n.startswith(("branch.", "adapters.")) for n in text)
+    # a stage's output reaches the embedding: change what the t2b path adds and the image embedding moves
+    images = torch.rand(2, 3, 28, 28)
+    enc.eval()
+    before = enc(images, modality="image")
+    with torch.no_grad():
+        enc.adapters[2].t2b[2].weight.mul_(2)
+    assert not torch.allclose(enc(images, modality="image"), before)
+
+
+def test_the_lateral_adapter_keeps_the_class_token_and_fuses_the_patches():
+    torch.manual_seed(0)
+    enc = MSCLIP(parallel_branch=True, pool="cls", width=32, depth=3, heads=2, embed_dim=16).eval()
+    adapter, h, stage = enc.adapters[0], torch.randn(2, 17, 32), torch.randn(2, 2, 14, 14)
+    out = adapter(h, stage)
+    fused = adapter.t2b(stage).flatten(2).transpose(1, 2)
+    patches = adapter.tokens(h[:, 1:].transpose(1, 2).reshape(2, 32, 4, 4)).flatten(2).transpose(1, 2)
+    torch.testing.assert_close(out[:, 0], adapter.norm(2 * h[:, 0]))  # the official USECLS: cls + cls
+    torch.testing.assert_close(out[:, 1:], adapter.norm(patches + fused))
+
+
+def test_ms_clip_s_meets_the_encoder_contract():
+    check("encoder", "ms-clip", early_conv=True, parallel_branch=True, width=32, depth=3, heads=2, embed_dim=16)
+
+
+def test_bad_convolution_options():
+    with pytest.raises(ValueError, match="at most depth|between 0 and depth=3 - 1"):
+        MSCLIP(early_conv=True, shared_layers=3, **SMALL)
+    with pytest.raises(ValueError, match="power of two"):
+        MSCLIP(image_size=30, patch_size=6, early_conv=True, width=32, depth=3, heads=2)
+    with pytest.raises(ValueError, match="multiple of 16"):
+        MSCLIP(parallel_branch=True, width=40, depth=3, heads=2)
+    with pytest.raises(ValueError, match="depth 2 has none"):
+        MSCLIP(parallel_branch=True, width=32, depth=2, heads=2)
