@@ -57,6 +57,9 @@ ROWS += [
     ("siglip", ["--encoder", "vit", "--loss", "siglip", "--eval", "zs"], "zs/top1", 80.0),
     ("soft-infonce", ["--encoder", "vit", "--loss", "soft-infonce", "--eval", "zs"], "zs/top1", None),
     ("filip", ["--encoder", "vit", "--loss", "filip", "--eval", "zs"], "zs/top1", None),
+    ("ms-clip", ["--encoder", "ms-clip", "--loss", "infonce", "--eval", "zs"], "zs/top1", None),
+    ("ms-clip-s", ["--encoder", "ms-clip:early_conv=true,parallel_branch=true", "--loss", "infonce", "--eval", "zs"],
+     "zs/top1", None),
     ("infonce, frozen MiniLM text tower", ["--encoder", "vit", "--text-encoder", "hf-text:freeze=true",
                                           "--loss", "infonce", "--eval", "zs"], "zs/top1", None),
 ]
