@@ -6,7 +6,13 @@ from typing import Any
 
 from orchestrator import hookimpl
 from orchestrator.errors import UserError
-from plugins.encoders.options import resolve_convnext, resolve_resnet, resolve_text_transformer, resolve_vit
+from plugins.encoders.options import (
+    resolve_convnext,
+    resolve_ms_clip,
+    resolve_resnet,
+    resolve_text_transformer,
+    resolve_vit,
+)
 
 _HF_HOW = "give --text-encoder hf-text:path=/path/to/model (a folder saved by transformers' save_pretrained)"
 
@@ -37,4 +43,4 @@ def register_encoders(register):
     register("resnet", "plugins.encoders.resnet:ResNet", modality="image", resolve=resolve_resnet)
     register("convnext", "plugins.encoders.convnext:ConvNeXt", modality="image", resolve=resolve_convnext)
     register("hf-text", "plugins.encoders.hf_text:HFText", modality="text", resolve=_hf_text_path)
-    register("ms-clip", "plugins.encoders.ms_clip:MSCLIP", modality="both")
+    register("ms-clip", "plugins.encoders.ms_clip:MSCLIP", modality="both", resolve=resolve_ms_clip)

@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from plugins.encoders.ms_clip_convs import EarlyConvStem, LateralAdapter, ParallelBranch, stage_sizes
+from plugins.encoders.ms_clip_convs import EarlyConvStem, LateralAdapter, ParallelBranch
+from plugins.encoders.options import check_ms_clip, ms_clip_stage_sizes
 from plugins.encoders.text_transformer import EOS, VOCAB, TextTransformer
 from plugins.encoders.vit import Block, image_transform, init_blocks, trunc_normal_
 
@@ -72,33 +73,19 @@ class MSCLIP(nn.Module):
         parallel_branch: bool = False,
     ) -> None:
         super().__init__()
-        shared = depth - early_conv if shared_layers is None else shared_layers
-        if not 0 <= shared <= depth - early_conv:
-            raise ValueError(f"shared_layers must be between 0 and depth={depth}"
-                             f"{' - 1 (early_conv makes the first image layer a conv stem)' if early_conv else ''}, "
-                             f"not {shared}")
-        if image_size % patch_size:
-            raise ValueError(f"image_size {image_size} is not divisible by patch_size {patch_size}")
-        if pool not in ("cls", "mean"):
-            raise ValueError(f"pool must be 'cls' or 'mean', not {pool!r}")
-        if context_length < 2:
-            raise ValueError("context_length must leave room for BOS and EOS")
+        shared = check_ms_clip(image_size, patch_size, width, depth, heads, shared_layers, pool, context_length,
+                               early_conv, parallel_branch)
+        stem = int(early_conv)  # the conv stem is the image's first layer
         self.embed_dim, self.pool, self.context_length = embed_dim, pool, context_length
         grid = image_size // patch_size
-        sizes = stage_sizes(image_size, patch_size) if early_conv or parallel_branch else []
-        if sizes and sizes[-1] != grid:
-            raise ValueError(f"MS-CLIP's convolutions halve {image_size}-pixel images to {sizes[-1]}, not to the "
-                             f"{grid}x{grid} patch grid: choose an image_size / patch_size that is a power of two")
-        if parallel_branch and depth < 3:
-            raise ValueError(f"parallel_branch adds its first stage before image layer 2: depth {depth} has none")
         self.patch_embed = (EarlyConvStem(in_channels, width, patch_size) if early_conv else
                             nn.Conv2d(in_channels, width, patch_size, stride=patch_size, bias=False))
         self.cls_token = nn.Parameter(torch.zeros(1, 1, width)) if pool == "cls" else None
-        self.image_pos = nn.Parameter(torch.zeros(1, (image_size // patch_size) ** 2 + (pool == "cls"), width))
+        self.image_pos = nn.Parameter(torch.zeros(1, grid**2 + (pool == "cls"), width))
         self.ln_pre = nn.LayerNorm(width)
         self.token_embed = nn.Embedding(VOCAB, width)
         self.text_pos = nn.Parameter(torch.zeros(1, context_length, width))
-        specific = {"image": depth - shared - early_conv, "text": depth - shared}
+        specific = {"image": depth - shared - stem, "text": depth - shared}
         self.specific_blocks = nn.ModuleDict(
             {m: nn.ModuleList(Block(width, heads, mlp_ratio) for _ in range(specific[m])) for m in MODALITIES})
         self.shared_blocks = nn.ModuleList(SharedBlock(width, heads, mlp_ratio) for _ in range(shared))
@@ -107,6 +94,7 @@ class MSCLIP(nn.Module):
         self.branch, self.adapters, self.adapted_layers = None, nn.ModuleList(), list(range(2, depth, 2))[:5]
         if parallel_branch:
             self.branch = ParallelBranch(in_channels, width, patch_size)
+            sizes = ms_clip_stage_sizes(image_size, patch_size)
             self.adapters.extend(LateralAdapter(width // 16 * 2**k, width, sizes[k], grid)
                                  for k in range(len(self.adapted_layers)))
         # CLIP's initialisation, as in vit and text-transformer; residual projections scaled by the full depth.

@@ -10,26 +10,8 @@ import math
 import torch
 from torch import nn
 
+from plugins.encoders.options import MS_CLIP_STAGES, ms_clip_strides
 from plugins.encoders.vit import trunc_normal_
-
-STAGES = 5  # a 3x3 conv to C/16, then four stages doubling the channels to C
-
-
-def stride_plan(patch_size: int) -> list[int]:
-    """Strides of the five stages: 2 until their product covers the patch, then 1."""
-    halvings = math.ceil(math.log2(patch_size)) if patch_size > 1 else 0
-    if not 1 <= halvings <= STAGES:
-        raise ValueError(f"MS-CLIP's convolutions need a patch_size between 2 and {2**STAGES}, not {patch_size}")
-    return [2] * halvings + [1] * (STAGES - halvings)
-
-
-def stage_sizes(image_size: int, patch_size: int) -> list[int]:
-    """The side of each stage's output (3x3 convs with padding 1: ceil(size / stride))."""
-    sizes, size = [], image_size
-    for stride in stride_plan(patch_size):
-        size = math.ceil(size / stride)
-        sizes.append(size)
-    return sizes
 
 
 def _conv_bn(cin: int, cout: int, kernel: int, stride: int = 1, groups: int = 1) -> list[nn.Module]:
@@ -53,9 +35,7 @@ class _Residual(nn.Module):
 
 
 def _channels(width: int) -> list[int]:
-    if width % 16:
-        raise ValueError(f"MS-CLIP's convolutions start at width / 16 channels: width {width} is not a multiple of 16")
-    return [width // 16 * 2**i for i in range(STAGES)]  # C/16 ... C
+    return [width // 16 * 2**i for i in range(MS_CLIP_STAGES)]  # C/16 ... C
 
 
 def _init(module: nn.Module) -> None:
@@ -72,10 +52,10 @@ class EarlyConvStem(nn.Module):
 
     def __init__(self, in_channels: int, width: int, patch_size: int) -> None:
         super().__init__()
-        strides, channels = stride_plan(patch_size), _channels(width)
+        strides, channels = ms_clip_strides(patch_size), _channels(width)
         self.stages = nn.Sequential(_first_stage(in_channels, width, strides[0]), *(
             _Residual(_conv_bn(channels[i - 1], channels[i], 3, strides[i]), channels[i - 1], channels[i], strides[i])
-            for i in range(1, STAGES)))
+            for i in range(1, MS_CLIP_STAGES)))
         self.last = nn.Conv2d(width, width, 1, bias=False)
         _init(self)
 
@@ -90,9 +70,9 @@ class ParallelBranch(nn.Module):
 
     def __init__(self, in_channels: int, width: int, patch_size: int) -> None:
         super().__init__()
-        strides, channels = stride_plan(patch_size), _channels(width)
+        strides, channels = ms_clip_strides(patch_size), _channels(width)
         self.stages = nn.ModuleList([_first_stage(in_channels, width, strides[0])])
-        for i in range(1, STAGES):
+        for i in range(1, MS_CLIP_STAGES):
             cin, cout, mid = channels[i - 1], channels[i], channels[i] // 2
             body = [*_conv_bn(cin, mid, 1), nn.ReLU(), *_conv_bn(mid, mid, 3, strides[i]), nn.ReLU(),
                     *_conv_bn(mid, cout, 1)]

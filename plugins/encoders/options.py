@@ -8,6 +8,7 @@ functions turn that into a one-line ``UserError`` at queue time and fill in the 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -96,6 +97,69 @@ def check_drop_rate(rate: float | None) -> None:
     """A stochastic-depth (drop-path) rate in [0, 1), or ``None`` for the architecture's default."""
     if rate is not None and not 0.0 <= rate < 1.0:
         raise ValueError(f"stochastic_depth={rate} must be in [0, 1), e.g. 0.1")
+
+
+MS_CLIP_STAGES = 5  # MS-CLIP-S's convolutions: a 3x3 conv to width/16, then four stages doubling to width
+
+
+def ms_clip_strides(patch_size: int) -> list[int]:
+    """Strides of MS-CLIP-S's five conv stages: 2 until their product covers the patch, then 1 (the released
+    B/32: 2,2,2,2,2; B/16: 2,2,2,2,1)."""
+    halvings = math.ceil(math.log2(patch_size)) if patch_size > 1 else 0
+    if not 1 <= halvings <= MS_CLIP_STAGES:
+        raise ValueError(f"MS-CLIP's convolutions need a patch_size between 2 and {2**MS_CLIP_STAGES}, "
+                         f"not {patch_size}")
+    return [2] * halvings + [1] * (MS_CLIP_STAGES - halvings)
+
+
+def ms_clip_stage_sizes(image_size: int, patch_size: int) -> list[int]:
+    """The side of each conv stage's output (3x3 convs with padding 1: ceil(side / stride))."""
+    sizes, side = [], image_size
+    for stride in ms_clip_strides(patch_size):
+        side = math.ceil(side / stride)
+        sizes.append(side)
+    return sizes
+
+
+def check_ms_clip(image_size: int, patch_size: int, width: int, depth: int, heads: int, shared_layers: int | None,
+                  pool: str, context_length: int, early_conv: bool, parallel_branch: bool) -> int:
+    """MS-CLIP's options, checked; returns the number of shared blocks (``shared_layers``, or by default all
+    but the conv stem's layer)."""
+    stem = int(early_conv)  # the conv stem is the image's first layer
+    shared = depth - stem if shared_layers is None else shared_layers
+    if not 0 <= shared <= depth - stem:
+        raise ValueError(f"shared_layers must be between 0 and {depth - stem} (depth {depth}"
+                         f"{', less the conv stem of early_conv' if early_conv else ''}), not {shared}")
+    if width % heads:
+        raise ValueError(f"width {width} is not divisible by heads {heads}")
+    if image_size % patch_size:
+        raise ValueError(f"image_size {image_size} is not divisible by patch_size {patch_size}")
+    if pool not in ("cls", "mean"):
+        raise ValueError(f"pool must be 'cls' or 'mean', not {pool!r}")
+    if context_length < 2:
+        raise ValueError("context_length must leave room for BOS and EOS")
+    if early_conv or parallel_branch:
+        grid, side = image_size // patch_size, ms_clip_stage_sizes(image_size, patch_size)[-1]
+        if side != grid:
+            raise ValueError(f"MS-CLIP's convolutions halve {image_size}-pixel images to {side}, not to the "
+                             f"{grid}x{grid} patch grid: choose an image_size / patch_size that is a power of two")
+        if width % 16:
+            raise ValueError(f"MS-CLIP's convolutions start at width / 16 channels: width {width} is not a "
+                             f"multiple of 16")
+    if parallel_branch and depth < 3:
+        raise ValueError(f"parallel_branch adds its first stage before image layer 2: depth {depth} has none")
+    return shared
+
+
+def resolve_ms_clip(options: dict[str, Any]) -> dict[str, Any]:
+    """Queue time: ``check_ms_clip`` as one ``UserError`` line."""
+    try:
+        check_ms_clip(**{k: options[k] for k in ("image_size", "patch_size", "width", "depth", "heads",
+                                                 "shared_layers", "pool", "context_length", "early_conv",
+                                                 "parallel_branch")})
+    except ValueError as exc:
+        raise UserError(f"encoder ms-clip: {exc}") from None
+    return options
 
 
 def _resolver(name: str, fill: Callable[[dict[str, Any]], int]) -> Callable[[dict[str, Any]], dict[str, Any]]:
