@@ -87,11 +87,8 @@ class LateralAdapter(nn.Module):
 
     def __init__(self, channels: int, width: int, stage_size: int, grid: int) -> None:
         super().__init__()
-        kernel = math.ceil(stage_size / grid)
+        kernel = math.ceil(stage_size / grid)  # kernel = stride, and the padding that lands on the grid
         padding = math.ceil((grid * kernel - stage_size) / 2)
-        if (stage_size + 2 * padding - kernel) // kernel + 1 != grid:
-            raise ValueError(f"a {stage_size}x{stage_size} branch stage cannot be strided onto the {grid}x{grid} token "
-                             f"grid: choose image_size and patch_size whose ratio is a power of two")
         self.grid = grid
         self.t2b = nn.Sequential(nn.Conv2d(channels, channels, kernel, kernel, padding, groups=channels, bias=False),
                                  nn.BatchNorm2d(channels), nn.Conv2d(channels, width, 1, bias=False))

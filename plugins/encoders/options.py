@@ -141,8 +141,10 @@ def check_ms_clip(image_size: int, patch_size: int, width: int, depth: int, head
     if early_conv or parallel_branch:
         grid, side = image_size // patch_size, ms_clip_stage_sizes(image_size, patch_size)[-1]
         if side != grid:
-            raise ValueError(f"MS-CLIP's convolutions halve {image_size}-pixel images to {side}, not to the "
-                             f"{grid}x{grid} patch grid: choose an image_size / patch_size that is a power of two")
+            halvings = ms_clip_strides(patch_size).count(2)
+            raise ValueError(f"MS-CLIP's convolutions halve {image_size}-pixel images {halvings} times for "
+                             f"{patch_size}-pixel patches, to {side}x{side}, not to the {grid}x{grid} patch grid: "
+                             f"use a power-of-two patch_size (or the default 28-pixel images with 7-pixel patches)")
         if width % 16:
             raise ValueError(f"MS-CLIP's convolutions start at width / 16 channels: width {width} is not a "
                              f"multiple of 16")

@@ -96,7 +96,7 @@ def test_queue_time_resolution_fills_what_the_choices_imply():
     ("convnext", {"head": "mlp", "head_layers": 1}, "at least 2 layers"),
     ("ms-clip", {"shared_layers": 9}, "encoder ms-clip: shared_layers must be between 0 and 4"),
     ("ms-clip", {"early_conv": True, "shared_layers": 4}, "less the conv stem of early_conv"),
-    ("ms-clip", {"parallel_branch": True, "image_size": 30, "patch_size": 6}, "a power of two"),
+    ("ms-clip", {"parallel_branch": True, "image_size": 56, "patch_size": 7}, "3 times .* to 7x7, not to the 8x8"),
     ("ms-clip", {"early_conv": True, "width": 120, "heads": 4}, "not a multiple of 16"),
     ("ms-clip", {"heads": 3}, "not divisible by heads"),
 ])

@@ -135,9 +135,17 @@ def test_ms_clip_s_meets_the_encoder_contract():
 def test_bad_convolution_options():
     with pytest.raises(ValueError, match=r"between 0 and 2 \(depth 3, less the conv stem of early_conv\), not 3"):
         MSCLIP(early_conv=True, shared_layers=3, **SMALL)
-    with pytest.raises(ValueError, match="power of two"):
+    with pytest.raises(ValueError, match="power-of-two patch_size"):
         MSCLIP(image_size=30, patch_size=6, early_conv=True, width=32, depth=3, heads=2)
     with pytest.raises(ValueError, match="multiple of 16"):
         MSCLIP(parallel_branch=True, width=40, depth=3, heads=2)
     with pytest.raises(ValueError, match="depth 2 has none"):
         MSCLIP(parallel_branch=True, width=32, depth=2, heads=2)
+
+
+@pytest.mark.parametrize(("image_size", "patch_size"), [(14, 7), (28, 7), (32, 4), (64, 16), (96, 32), (18, 6)])
+def test_every_branch_stage_lands_on_the_patch_grid(image_size, patch_size):
+    enc = MSCLIP(image_size=image_size, patch_size=patch_size, parallel_branch=True, early_conv=True, width=16,
+                 depth=11, heads=2, embed_dim=8).eval()
+    assert len(enc.adapters) == 5  # all five stages are fused: a stage off the grid would not add to the tokens
+    assert enc(torch.rand(2, 3, image_size, image_size), modality="image").shape == (2, 8)
