@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from plugins.encoders.ms_clip_convs import EarlyConvStem, LateralAdapter, ParallelBranch
-from plugins.encoders.options import check_ms_clip, ms_clip_stage_sizes
+from plugins.encoders.ms_clip_convs import EarlyConvStem, ParallelBranch
+from plugins.encoders.options import check_ms_clip
 from plugins.encoders.text_transformer import EOS, VOCAB, TextTransformer
 from plugins.encoders.vit import Block, image_transform, init_blocks, trunc_normal_
 
@@ -91,12 +91,9 @@ class MSCLIP(nn.Module):
         self.shared_blocks = nn.ModuleList(SharedBlock(width, heads, mlp_ratio) for _ in range(shared))
         self.ln_final = nn.ModuleDict({m: nn.LayerNorm(width) for m in MODALITIES})
         self.proj = nn.ModuleDict({m: nn.Linear(width, embed_dim, bias=False) for m in MODALITIES})
-        self.branch, self.adapters, self.adapted_layers = None, nn.ModuleList(), list(range(2, depth, 2))[:5]
-        if parallel_branch:
-            self.branch = ParallelBranch(in_channels, width, patch_size)
-            sizes = ms_clip_stage_sizes(image_size, patch_size)
-            self.adapters.extend(LateralAdapter(width // 16 * 2**k, width, sizes[k], grid)
-                                 for k in range(len(self.adapted_layers)))
+        self.adapted_layers = list(range(2, depth, 2))[:5]
+        self.branch = (ParallelBranch(in_channels, width, image_size, patch_size, len(self.adapted_layers))
+                       if parallel_branch else None)
         # CLIP's initialisation, as in vit and text-transformer; residual projections scaled by the full depth.
         if not early_conv:
             trunc_normal_(self.patch_embed.weight, (in_channels * patch_size**2) ** -0.5)
@@ -127,9 +124,7 @@ class MSCLIP(nn.Module):
         first = 1 if modality == "image" and isinstance(self.patch_embed, EarlyConvStem) else 0  # the stem is layer 0
         for layer, block in enumerate(blocks, start=first):
             if modality == "image" and self.branch is not None and layer in self.adapted_layers:
-                k = self.adapted_layers.index(layer)
-                stage = self.branch.stages[k](stage)
-                h = self.adapters[k](h, stage)
+                h, stage = self.branch.fuse(self.adapted_layers.index(layer), h, stage)
             h = block(h, modality, causal=causal) if isinstance(block, SharedBlock) else block(h, causal=causal)
         h = self.ln_final[modality](h)
         if modality == "text":

@@ -10,7 +10,7 @@ import math
 import torch
 from torch import nn
 
-from plugins.encoders.options import MS_CLIP_STAGES, ms_clip_strides
+from plugins.encoders.options import MS_CLIP_STAGES, ms_clip_stage_sizes, ms_clip_strides
 from plugins.encoders.vit import trunc_normal_
 
 
@@ -64,20 +64,29 @@ class EarlyConvStem(nn.Module):
 
 
 class ParallelBranch(nn.Module):
-    """The efficient parallel branch: a small CNN on the raw image (a 3x3 conv to C/16, then four bottleneck
-    residual stages, 1x1 -> strided 3x3 -> 1x1 at half the output channels, doubling to C), whose k-th stage
-    feeds the k-th lateral adapter. Stages run one at a time, as the transformer reaches each adapter."""
+    """The efficient parallel branch: a small CNN on the raw image (a 3x3 conv to C/16, then bottleneck
+    residual stages, 1x1 -> strided 3x3 -> 1x1 at half the output channels, doubling towards C) whose k-th
+    stage feeds the k-th lateral adapter. Only the ``adapters`` stages that are fused are built (all five in
+    the released 12-layer configs); ``fuse`` runs one stage as the transformer reaches its adapter."""
 
-    def __init__(self, in_channels: int, width: int, patch_size: int) -> None:
+    def __init__(self, in_channels: int, width: int, image_size: int, patch_size: int, adapters: int) -> None:
         super().__init__()
         strides, channels = ms_clip_strides(patch_size), _channels(width)
+        sizes, grid = ms_clip_stage_sizes(image_size, patch_size), image_size // patch_size
         self.stages = nn.ModuleList([_first_stage(in_channels, width, strides[0])])
-        for i in range(1, MS_CLIP_STAGES):
+        for i in range(1, adapters):
             cin, cout, mid = channels[i - 1], channels[i], channels[i] // 2
             body = [*_conv_bn(cin, mid, 1), nn.ReLU(), *_conv_bn(mid, mid, 3, strides[i]), nn.ReLU(),
                     *_conv_bn(mid, cout, 1)]
             self.stages.append(_Residual(body, cin, cout, strides[i]))
+        self.adapters = nn.ModuleList(LateralAdapter(channels[k], width, sizes[k], grid) for k in range(adapters))
         _init(self)
+
+    def fuse(self, k: int, tokens: torch.Tensor, previous: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stage ``k`` of the branch (from the image for k = 0, else from stage k - 1) fused into the tokens;
+        returns the new tokens and the stage, which stage k + 1 starts from."""
+        stage = self.stages[k](previous)
+        return self.adapters[k](tokens, stage), stage
 
 
 class LateralAdapter(nn.Module):
@@ -94,7 +103,6 @@ class LateralAdapter(nn.Module):
                                  nn.BatchNorm2d(channels), nn.Conv2d(channels, width, 1, bias=False))
         self.tokens = nn.Sequential(*_conv_bn(width, width, 3, groups=width))
         self.norm = nn.LayerNorm(width)
-        _init(self)
 
     def forward(self, x: torch.Tensor, stage: torch.Tensor) -> torch.Tensor:
         b, n, w = x.shape

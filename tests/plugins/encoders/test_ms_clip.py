@@ -81,7 +81,8 @@ def test_the_released_configs_geometry():
     for patch, t2b, strides in ((32, [16, 8, 4, 2, 1], [2, 2, 2, 2, 2]), (16, [8, 4, 2, 1, 1], [2, 2, 2, 2, 1])):
         enc = MSCLIP(image_size=224, patch_size=patch, width=64, depth=12, heads=2, early_conv=True,
                      parallel_branch=True, pool="cls")
-        assert [a.t2b[0].kernel_size[0] for a in enc.adapters] == [a.t2b[0].stride[0] for a in enc.adapters] == t2b
+        t2b_convs = [a.t2b[0] for a in enc.branch.adapters]
+        assert [c.kernel_size[0] for c in t2b_convs] == [c.stride[0] for c in t2b_convs] == t2b
         convs = [m for m in enc.patch_embed.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3)]
         assert [m.stride[0] for m in convs] == strides
         assert enc.adapted_layers == [2, 4, 6, 8, 10]
@@ -104,23 +105,24 @@ def test_early_conv_replaces_the_first_image_layer():
 def test_the_parallel_branch_feeds_the_image_tokens_only():
     torch.manual_seed(0)
     enc = MSCLIP(parallel_branch=True, width=32, depth=7, heads=2, embed_dim=16)
-    assert enc.adapted_layers == [2, 4, 6] and len(enc.adapters) == 3
+    assert enc.adapted_layers == [2, 4, 6] and len(enc.branch.adapters) == len(enc.branch.stages) == 3
     image, text = _grads(enc, "image"), _grads(enc, "text")
-    assert {n.split(".")[2] for n in image if n.startswith("branch.stages.")} == {"0", "1", "2"}  # stages 3, 4 unused
-    assert not any(n.startswith(("branch.", "adapters.")) for n in text)
+    assert {n.split(".")[2] for n in image if n.startswith("branch.stages.")} == {"0", "1", "2"}
+    assert {n.split(".")[2] for n in image if n.startswith("branch.adapters.")} == {"0", "1", "2"}
+    assert not any(n.startswith("branch.") for n in text)
     # a stage's output reaches the embedding: change what the t2b path adds and the image embedding moves
     images = torch.rand(2, 3, 28, 28)
     enc.eval()
     before = enc(images, modality="image")
     with torch.no_grad():
-        enc.adapters[2].t2b[2].weight.mul_(2)
+        enc.branch.adapters[2].t2b[2].weight.mul_(2)
     assert not torch.allclose(enc(images, modality="image"), before)
 
 
 def test_the_lateral_adapter_keeps_the_class_token_and_fuses_the_patches():
     torch.manual_seed(0)
     enc = MSCLIP(parallel_branch=True, pool="cls", width=32, depth=3, heads=2, embed_dim=16).eval()
-    adapter, h, stage = enc.adapters[0], torch.randn(2, 17, 32), torch.randn(2, 2, 14, 14)
+    adapter, h, stage = enc.branch.adapters[0], torch.randn(2, 17, 32), torch.randn(2, 2, 14, 14)
     out = adapter(h, stage)
     fused = adapter.t2b(stage).flatten(2).transpose(1, 2)
     patches = adapter.tokens(h[:, 1:].transpose(1, 2).reshape(2, 32, 4, 4)).flatten(2).transpose(1, 2)
@@ -147,5 +149,5 @@ def test_bad_convolution_options():
 def test_every_branch_stage_lands_on_the_patch_grid(image_size, patch_size):
     enc = MSCLIP(image_size=image_size, patch_size=patch_size, parallel_branch=True, early_conv=True, width=16,
                  depth=11, heads=2, embed_dim=8).eval()
-    assert len(enc.adapters) == 5  # all five stages are fused: a stage off the grid would not add to the tokens
+    assert len(enc.branch.adapters) == 5  # all five stages fused: a stage off the grid would not add to the tokens
     assert enc(torch.rand(2, 3, image_size, image_size), modality="image").shape == (2, 8)
