@@ -12,8 +12,13 @@ mostly activations). tracemalloc would not see torch's allocations. The first st
 configuration is printed too: caching changes memory and time, not the loss. Throughput is the median over
 the timed steps, by wall clock and by the process's CPU time (steadier on a shared machine).
 
+With several ``--loss`` (e.g. ``infonce`` and ``infonce:tile=1024``, the loss computed tile by tile, Inf-CL),
+every loss runs every configuration; ratios are against the first loss without caching (or, with ``--skip-off``,
+its first chunk size).
+
     python bench/gradcache.py                                      # 4096 pairs, chunks 1024 and 256, CPU
     python bench/gradcache.py --batch-size 1024 --chunks 256 --steps 1 --warmup 1
+    python bench/gradcache.py --batch-size 16384 --chunks 1024 --loss infonce --loss infonce:tile=1024
 """
 
 from __future__ import annotations
@@ -58,7 +63,8 @@ def child(config: dict[str, Any]) -> dict[str, Any]:
     device = torch.device(config["device"])
     registry = Registry.load()
     trainer_raw = {"batch_size": str(config["batch_size"]), "grad_cache": str(config["chunk"]), "steps": "100"}
-    spec = resolve_run(registry, {"encoder": config["encoder"], "text_encoder": config["text_encoder"]}, trainer_raw)
+    components = {"encoder": config["encoder"], "text_encoder": config["text_encoder"], "loss": config["loss"]}
+    spec = resolve_run(registry, components, trainer_raw)
     trainer = spec["trainer"]
     precision = effective_precision(trainer["precision"], device.type,
                                     device.type == "cuda" and torch.cuda.is_bf16_supported())
@@ -106,8 +112,9 @@ def child(config: dict[str, Any]) -> dict[str, Any]:
         walls.append(time.perf_counter() - wall)
         cpus.append(time.process_time() - cpu)
     peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    result = {"chunk": chunk, "first_loss": first_loss, "samples_per_s": n / statistics.median(walls),
-              "samples_per_cpu_s": n / statistics.median(cpus), "step_wall_s": walls, "step_cpu_s": cpus,
+    result = {"loss": config["loss"], "chunk": chunk, "first_loss": first_loss,
+              "samples_per_s": n / statistics.median(walls), "samples_per_cpu_s": n / statistics.median(cpus),
+              "step_wall_s": walls, "step_cpu_s": cpus,
               "peak_rss_mb": peak_kb / 1024, "rss_before_mb": before_kb / 1024,
               "step_rss_mb": (peak_kb - before_kb) / 1024}
     if device.type == "cuda":
@@ -123,7 +130,7 @@ def run_child(config: dict[str, Any]) -> dict[str, Any]:
                           env={**os.environ, "PYTHONWARNINGS": "ignore"})
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     if proc.returncode and "OutOfMemoryError" in proc.stderr:
-        return {"chunk": config["chunk"], "error": "out of GPU memory"}
+        return {"loss": config["loss"], "chunk": config["chunk"], "error": "out of GPU memory"}
     if proc.returncode or not lines:
         raise SystemExit(f"configuration {config} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
     return json.loads(lines[-1])
@@ -137,6 +144,8 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps first")
     parser.add_argument("--skip-off", action="store_true",
                         help="do not run the uncached step (for a batch known not to fit without caching)")
+    parser.add_argument("--loss", action="append", default=None,
+                        help="loss spec, repeat to compare (default infonce)")
     parser.add_argument("--encoder", default=SMALL_VIT)
     parser.add_argument("--text-encoder", default=SMALL_TEXT)
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
@@ -156,35 +165,39 @@ def main() -> int:
         import torch
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    losses = args.loss or ["infonce"]
     info = header("gradient caching: peak memory and throughput of one large contrastive batch")
     base = {"device": device, "batch_size": args.batch_size, "steps": args.steps, "warmup": args.warmup,
             "encoder": args.encoder, "text_encoder": args.text_encoder, "threads": args.threads}
-    print(f"batch {args.batch_size} pairs, {args.encoder} + {args.text_encoder}, {device}, "
-          f"{args.warmup} warmup + {args.steps} timed steps per configuration, one subprocess each\n", flush=True)
+    print(f"batch {args.batch_size} pairs, {args.encoder} + {args.text_encoder}, losses {', '.join(losses)}, "
+          f"{device}, {args.warmup} warmup + {args.steps} timed steps per configuration, one subprocess each\n",
+          flush=True)
     results = []
-    for chunk in [*([] if args.skip_off else [0]), *args.chunks]:
-        results.append(run_child({**base, "chunk": chunk}))
-        print(f"  chunk {chunk or 'off'}: {results[-1]}", flush=True)
-    plain = {"error": "not run"} if args.skip_off else results[0]
+    for loss in losses:
+        for chunk in [*([] if args.skip_off else [0]), *args.chunks]:
+            results.append(run_child({**base, "loss": loss, "chunk": chunk}))
+            print(f"  {loss}, chunk {chunk or 'off'}: {results[-1]}", flush=True)
+    baseline = results[0]
     gpu = device == "cuda"
     rows = []
     for r in results:
-        label = "off" if not r["chunk"] else r["chunk"]
+        label = [r["loss"], "off" if not r["chunk"] else r["chunk"]]
         if "error" in r:
-            rows.append([label, r["error"], *["n/a"] * (8 + gpu)])
+            rows.append([*label, r["error"], *["n/a"] * (8 + gpu)])
             continue
         memory_key = "peak_gpu_mb" if gpu else "step_rss_mb"
-        vs_off = {k: "n/a" if "error" in plain else r[k] / plain[k]
-                  for k in (memory_key, "samples_per_s", "samples_per_cpu_s")}
-        rows.append([label, "ok", *([r["peak_gpu_mb"]] if gpu else []), r["peak_rss_mb"], r["step_rss_mb"],
-                     vs_off[memory_key], r["samples_per_s"], vs_off["samples_per_s"], r["samples_per_cpu_s"],
-                     vs_off["samples_per_cpu_s"], f"{r['first_loss']:.6f}"])
-    headers = ["grad cache chunk", "result", *(["peak GPU MB"] if gpu else []), "peak RSS MB",
-               "RSS added by steps MB", "memory vs off", "samples/s (wall)", "vs off", "samples per CPU s", "vs off",
+        vs = {k: "n/a" if "error" in baseline else r[k] / baseline[k]
+              for k in (memory_key, "samples_per_s", "samples_per_cpu_s")}
+        rows.append([*label, "ok", *([r["peak_gpu_mb"]] if gpu else []), r["peak_rss_mb"], r["step_rss_mb"],
+                     vs[memory_key], r["samples_per_s"], vs["samples_per_s"], r["samples_per_cpu_s"],
+                     vs["samples_per_cpu_s"], f"{r['first_loss']:.6f}"])
+    ratio = f"vs {baseline['loss']} {'off' if not baseline['chunk'] else baseline['chunk']}"
+    headers = ["loss", "grad cache chunk", "result", *(["peak GPU MB"] if gpu else []), "peak RSS MB",
+               "RSS added by steps MB", f"memory {ratio}", "samples/s (wall)", ratio, "samples per CPU s", ratio,
                "first loss"]
     print()
     print(table(headers, rows))
-    write_json(args.json, {**info, "config": base, "results": results})
+    write_json(args.json, {**info, "config": {**base, "losses": losses}, "results": results})
     return 0
 
 

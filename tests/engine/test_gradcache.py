@@ -29,11 +29,11 @@ from plugins.losses.infonce import InfoNCE
 TOLERANCE = 1e-5
 
 
-def _clip(seed: int = 0) -> RunModel:
+def _clip(seed: int = 0, tile: int = 0) -> RunModel:
     torch.manual_seed(seed)
     image = VisionTransformer(width=32, depth=2, heads=2, embed_dim=32)
     text = TextTransformer(width=32, depth=2, heads=2, embed_dim=32)
-    return RunModel(image, text, InfoNCE(), {"image", "text"})
+    return RunModel(image, text, InfoNCE(tile=tile), {"image", "text"})
 
 
 def _pairs(n: int, seed: int = 1) -> dict[str, torch.Tensor]:
@@ -51,9 +51,10 @@ def _assert_same_gradients(reference: nn.Module, cached: nn.Module) -> None:
         assert worst <= TOLERANCE * max(1.0, a.grad.abs().max().item()), f"{name}: {worst}"
 
 
-def test_infonce_loss_and_gradients_equal_the_full_batch() -> None:
+@pytest.mark.parametrize("tile", [0, 7])
+def test_infonce_loss_and_gradients_equal_the_full_batch(tile: int) -> None:
     batch = _pairs(24)
-    reference, cached = _clip(), _clip()
+    reference, cached = _clip(), _clip(tile=tile)  # tiled: the cached loss never holds all 24 x 24 logits
     expected = reference(batch)
     expected["loss"].backward()
     out = cached_step(cached, batch, chunk=5)  # 5 chunks, the last one short
@@ -260,13 +261,15 @@ def test_orch_run_with_grad_cache_matches_the_run_without(workdir: Path) -> None
     small = ["--encoder", "vit:depth=1,width=64,embed_dim=64", "--text-encoder",
              "text-transformer:depth=1,width=64,embed_dim=64", "--batch-size", "64", "--steps", "4",
              "--log-every", "1", "--eval", "zs:split=test", "--quiet"]
-    for extra in ([], ["--grad-cache", "16"]):
+    for extra in ([], ["--grad-cache", "16"], ["--grad-cache", "16", "--loss", "infonce:tile=24"]):
         result = orch("run", *small, *extra, cwd=workdir)
         assert result.returncode == 0, result.stdout + result.stderr
     store = Store.open(f"sqlite:///{workdir}/experiments.db")
     assert store.run(2)["spec"]["trainer"]["grad_cache"] == 16
-    curves = [[m["value"] for m in store.metrics(i) if m["name"] == "train/loss"] for i in (1, 2)]
+    assert store.run(3)["spec"]["loss"]["options"]["tile"] == 24
+    curves = [[m["value"] for m in store.metrics(i) if m["name"] == "train/loss"] for i in (1, 2, 3)]
     assert len(curves[0]) == 4
     # Four AdamW steps on gradients that agree to 1e-6: AdamW's near-sign first updates could turn a flipped
     # near-zero component into a move of 2 lr, hence 1e-4 rather than 1e-6; a broken cache moves the loss by 1e-1.
     assert curves[1] == pytest.approx(curves[0], abs=1e-4)
+    assert curves[2] == pytest.approx(curves[0], abs=1e-4)

@@ -83,7 +83,7 @@ def test_registration_imports_no_torch_and_declares_its_needs():
     loss = Registry.load().get("loss", "infonce")
     assert loss.declared["needs"] == {"image", "text"}
     assert [(o.name, o.default) for o in loss.options] == [("temperature", 0.07), ("learnable", True),
-                                                           ("max_logit_scale", 100.0)]
+                                                           ("max_logit_scale", 100.0), ("tile", 0)]
 
 
 # --- 2 ranks x B == 1 rank x 2B -------------------------------------------------------------------

@@ -80,7 +80,7 @@ def test_contract_and_registration():
     loss = Registry.load().get("loss", "siglip")
     assert loss.declared["needs"] == {"image", "text"}
     assert [(o.name, o.default) for o in loss.options] == [("init_scale", 10.0), ("init_bias", -10.0),
-                                                           ("learnable", True)]
+                                                           ("learnable", True), ("tile", 0)]
     assert describe("plugins.losses.siglip:SigLIP") == _describe_object(SigLIP)
 
 

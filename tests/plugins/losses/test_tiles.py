@@ -1,0 +1,91 @@
+"""Tiled image-text losses (Inf-CL): the loss and gradients of the whole similarity matrix, computed without any
+tensor larger than ``tile`` rows of it, in the forward pass or the backward pass, and exact across ranks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from orchestrator.testing import check_loss_distributed
+from plugins.losses.infonce import InfoNCE
+from plugins.losses.siglip import SigLIP
+
+LOSSES = {"infonce": InfoNCE, "siglip": SigLIP}
+
+
+def _embeddings(n: int, dim: int, dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    image = torch.randn(n, dim, generator=generator, dtype=dtype).requires_grad_()
+    text = torch.randn(n, dim, generator=generator, dtype=dtype).requires_grad_()
+    return image, text
+
+
+def _loss_and_grads(loss: nn.Module, image: torch.Tensor, text: torch.Tensor) -> list[torch.Tensor]:
+    image.grad = text.grad = None
+    out = loss({"image": image, "text": text})["loss"]
+    out.backward()
+    return [out.detach(), image.grad, text.grad, *(p.grad for p in loss.parameters())]
+
+
+@pytest.mark.parametrize("name", LOSSES)
+@pytest.mark.parametrize("tile", [1, 3, 4, 9])
+def test_tiles_give_the_loss_and_gradients_of_the_whole_matrix(name: str, tile: int) -> None:
+    image, text = _embeddings(10, 6)  # 10 rows: tiles of 3 and 4 leave a short last tile
+    options = {"temperature": 0.1} if name == "infonce" else {"init_scale": 3.0, "init_bias": -1.0}
+    whole = _loss_and_grads(LOSSES[name](**options).double(), image, text)
+    tiled = _loss_and_grads(LOSSES[name](**options, tile=tile).double(), image, text)
+    assert all(g is not None and g.abs().sum() > 0 for g in whole)
+    for a, b in zip(whole, tiled, strict=True):
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", LOSSES)
+def test_tiles_in_fp32_and_a_tile_of_the_whole_batch(name: str) -> None:
+    image, text = _embeddings(32, 16, torch.float32)
+    whole = _loss_and_grads(LOSSES[name](), image, text)
+    for tile in (8, 32, 100):  # 32 and 100: one tile, the plain computation
+        for a, b in zip(whole, _loss_and_grads(LOSSES[name](tile=tile), image, text), strict=True):
+            torch.testing.assert_close(b, a, rtol=0, atol=1e-5 * max(1.0, a.abs().max().item()))
+
+
+class _LargestTensor(TorchDispatchMode):
+    """The most elements of any tensor an operator returns (forward and backward alike)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204 - torch's protocol
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+@pytest.mark.parametrize("name", LOSSES)
+def test_no_tensor_holds_more_than_a_tile_of_the_matrix(name: str) -> None:
+    n, dim, tile = 64, 8, 16
+    image, text = _embeddings(n, dim, torch.float32)
+    largest = {}
+    for t in (0, tile):
+        loss = LOSSES[name](tile=t)
+        with _LargestTensor() as mode:
+            loss({"image": image, "text": text})["loss"].backward()
+        largest[t] = mode.largest
+    assert largest[0] == n * n  # untiled: the whole similarity matrix exists
+    assert largest[tile] == tile * n  # tiled: one tile of it at a time, in both passes
+
+
+def test_a_negative_tile_is_refused() -> None:
+    for loss in LOSSES.values():
+        with pytest.raises(ValueError, match="tile must be 0"):
+            loss(tile=-1)
+
+
+@pytest.mark.parametrize("name", LOSSES)
+def test_two_ranks_equal_one_rank_with_twice_the_batch_when_tiled(name: str) -> None:
+    # 2 ranks x 8 rows in tiles of 3 (a short last tile) against 1 rank x 16 rows in tiles of 3
+    check_loss_distributed(name, "plugins.losses", atol=1e-5, tile=3)
