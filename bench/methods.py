@@ -54,6 +54,7 @@ ROWS += [("dino, bn, no local crops, no flip",
          ("dino, bn", ["--encoder", "vit", "--loss", "dino:bn=true", "--eval", "knn"], "knn/top1", "init+10")]
 ROWS += [
     ("infonce", ["--encoder", "vit", "--loss", "infonce", "--eval", "zs"], "zs/top1", 80.0),
+    ("infonce, tiles of 32 rows", ["--encoder", "vit", "--loss", "infonce:tile=32", "--eval", "zs"], "zs/top1", 80.0),
     ("siglip", ["--encoder", "vit", "--loss", "siglip", "--eval", "zs"], "zs/top1", 80.0),
     ("soft-infonce", ["--encoder", "vit", "--loss", "soft-infonce", "--eval", "zs"], "zs/top1", None),
     ("filip", ["--encoder", "vit", "--loss", "filip", "--eval", "zs"], "zs/top1", None),

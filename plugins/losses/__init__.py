@@ -1,12 +1,13 @@
 """Built-in losses."""
 
 from orchestrator import hookimpl
+from plugins.losses.options import resolve_tiled
 
 
 @hookimpl
 def register_losses(register):
-    register("infonce", "plugins.losses.infonce:InfoNCE", needs={"image", "text"})
-    register("siglip", "plugins.losses.siglip:SigLIP", needs={"image", "text"})
+    register("infonce", "plugins.losses.infonce:InfoNCE", needs={"image", "text"}, resolve=resolve_tiled)
+    register("siglip", "plugins.losses.siglip:SigLIP", needs={"image", "text"}, resolve=resolve_tiled)
     register("soft-infonce", "plugins.losses.soft_infonce:SoftInfoNCE", needs={"image", "text"})
     register("filip", "plugins.losses.filip:FILIP", needs={"image-tokens", "text-tokens"})
     register("ntxent", "plugins.losses.ntxent:NTXent", needs={"views"})

@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from orchestrator.distributed import gather_with_grad, rank
-from plugins.losses.tiles import check_tile, reduce_rows
+from plugins.losses.options import check_tile
+from plugins.losses.tiles import reduce_rows
 
 
 class InfoNCE(nn.Module):

@@ -28,8 +28,3 @@ def reduce_rows(reduce: Callable[[torch.Tensor], torch.Tensor], rows: torch.Tens
         return reduce(rows)
     return torch.cat([checkpoint(reduce, rows[start:start + tile], use_reentrant=False)
                       for start in range(0, rows.shape[0], tile)])
-
-
-def check_tile(tile: int) -> None:
-    if tile < 0:
-        raise ValueError(f"tile must be 0 (the whole similarity matrix at once) or a number of rows, not {tile}")

@@ -81,7 +81,7 @@ def test_no_tensor_holds_more_than_a_tile_of_the_matrix(name: str) -> None:
 
 def test_a_negative_tile_is_refused() -> None:
     for loss in LOSSES.values():
-        with pytest.raises(ValueError, match="tile must be 0"):
+        with pytest.raises(ValueError, match="tile=-1 must be 0"):
             loss(tile=-1)
 
 
