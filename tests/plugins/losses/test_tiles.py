@@ -89,3 +89,24 @@ def test_a_negative_tile_is_refused() -> None:
 def test_two_ranks_equal_one_rank_with_twice_the_batch_when_tiled(name: str) -> None:
     # 2 ranks x 8 rows in tiles of 3 (a short last tile) against 1 rank x 16 rows in tiles of 3
     check_loss_distributed(name, "plugins.losses", atol=1e-5, tile=3)
+
+
+@pytest.mark.slow
+def test_a_tiled_zero_3_run_on_two_ranks_follows_the_untiled_one(workdir) -> None:  # noqa: ANN001 - the fixture
+    """Through the real launcher: 2 gloo ranks, ZeRO-3 (the learnable temperature partitioned), the tiles
+    recomputed in DeepSpeed's backward. The loss curve is the untiled run's, to fp32 rounding."""
+    from orchestrator.store import Store
+    from tests.conftest import orch
+
+    tiny = ["--encoder", "vit:depth=1,width=32,heads=2,embed_dim=32", "--text-encoder",
+            "text-transformer:depth=1,width=32,heads=2,embed_dim=32", "--batch-size", "64", "--steps", "3",
+            "--log-every", "1", "--eval", "zs:split=test", "--zero", "3", "--gpus", "2", "--quiet"]
+    for loss in ("infonce", "infonce:tile=12"):  # 32 rows per rank: tiles of 12, 12 and 8
+        result = orch("run", *tiny, "--loss", loss, cwd=workdir)
+        assert result.returncode == 0, result.stdout + result.stderr
+    store = Store.open(f"sqlite:///{workdir}/experiments.db")
+    curves = [[(m["step"], m["name"], m["value"]) for m in store.metrics(i)
+               if m["name"] in ("train/loss", "train/logit_scale")] for i in (1, 2)]
+    assert len(curves[0]) == 6 and [c[:2] for c in curves[1]] == [c[:2] for c in curves[0]]
+    for (_, name, tiled), (_, _, whole) in zip(curves[1], curves[0], strict=True):
+        assert tiled == pytest.approx(whole, abs=1e-5), name
