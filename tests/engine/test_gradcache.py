@@ -273,3 +273,25 @@ def test_orch_run_with_grad_cache_matches_the_run_without(workdir: Path) -> None
     # near-zero component into a move of 2 lr, hence 1e-4 rather than 1e-6; a broken cache moves the loss by 1e-1.
     assert curves[1] == pytest.approx(curves[0], abs=1e-4)
     assert curves[2] == pytest.approx(curves[0], abs=1e-4)
+
+
+@pytest.mark.slow
+def test_the_gradcache_bench_compares_losses_and_chunks(tmp_path: Path) -> None:
+    """bench/gradcache.py, small: every loss runs every configuration, each in its own process, and caching and
+    tiling change memory and time, never the first step's loss."""
+    import re
+    import subprocess
+    import sys
+
+    out = tmp_path / "gradcache.json"
+    root = Path(__file__).resolve().parents[2]
+    result = subprocess.run([sys.executable, "bench/gradcache.py", "--batch-size", "64", "--chunks", "16", "--steps",
+                             "1", "--threads", "1", "--loss", "infonce", "--loss", "infonce:tile=16", "--json",
+                             str(out)], cwd=root, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    results = json.loads(out.read_text())["results"]
+    assert [(r["loss"], r["chunk"]) for r in results] == [("infonce", 0), ("infonce", 16), ("infonce:tile=16", 0),
+                                                         ("infonce:tile=16", 16)]
+    assert all(r["samples_per_s"] > 0 for r in results)
+    assert [r["first_loss"] for r in results] == pytest.approx([results[0]["first_loss"]] * 4, abs=1e-5)
+    assert re.search(r"\|\s*infonce:tile=16\s*\|\s*16\s*\|\s*ok\s*\|", result.stdout), result.stdout
