@@ -9,6 +9,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from orchestrator.distributed import gather, gather_with_grad, rank
+from plugins.losses.options import check_tile
+from plugins.losses.tiles import reduce_rows
 
 
 def token_similarity(queries: torch.Tensor, query_mask: torch.Tensor, keys: torch.Tensor,
@@ -19,8 +21,20 @@ def token_similarity(queries: torch.Tensor, query_mask: torch.Tensor, keys: torc
     ``queries`` ``[Bq, K, D]`` and ``keys`` ``[Bk, R, D]`` are unit-norm; the masks are True on real tokens.
     """
     sim = torch.einsum("ikd,jrd->ijkr", queries, keys)
-    best = sim.masked_fill(~key_mask[None, :, None, :], -math.inf).amax(dim=-1)  # [Bq, Bk, K]
-    return best.masked_fill(~query_mask[:, None, :], 0).sum(dim=-1) / query_mask.sum(dim=-1, keepdim=True)
+    return _mean_of_best(sim, query_mask[:, None, :], key_mask[None, :, None, :])
+
+
+def pair_similarity(queries: torch.Tensor, query_mask: torch.Tensor, keys: torch.Tensor,
+                    key_mask: torch.Tensor) -> torch.Tensor:
+    """``[B]``: ``token_similarity`` of query i with key i only (the matching pairs), without the B x B rest."""
+    sim = torch.einsum("ikd,ird->ikr", queries, keys)
+    return _mean_of_best(sim, query_mask, key_mask[:, None, :])
+
+
+def _mean_of_best(sim: torch.Tensor, query_mask: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
+    """``sim`` ``[..., K, R]`` and masks that broadcast to it (query ``[..., K]``, key ``[..., 1, R]``)."""
+    best = sim.masked_fill(~key_mask, -math.inf).amax(dim=-1)  # [..., K]
+    return best.masked_fill(~query_mask, 0).sum(dim=-1) / query_mask.sum(dim=-1)
 
 
 def _masked_mean(tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -40,20 +54,24 @@ class FILIP(nn.Module):
     so 2 ranks x B equal 1 rank x 2B; every rank must give the same number of tokens (fixed image size,
     text padded to the context length).
 
-    The similarity holds B x B x world x K x R floats per rank: fine for the small towers; large ones need
-    FILIP's token reduction, which this does not implement. Zero-shot evaluation here uses the pooled
+    The similarity holds B x B x world x K x R floats per rank: fine for the small towers. ``tile`` > 0
+    holds ``tile`` x B x world x K x R instead (the rows of each direction scored a tile at a time and
+    recomputed in the backward pass, ``tiles.py``), with the same loss and gradients; FILIP's token
+    reduction, which shrinks K and R, is not implemented. Zero-shot evaluation here uses the pooled
     embeddings (``forward``), which the token-wise loss does not train directly; ``global_weight`` > 0 adds
     that weight times a global InfoNCE on the masked mean of each sample's token features (computed from the
     same tokens, so no second encoder pass), which ties the mean of the tokens to the pair.
     """
 
     def __init__(self, temperature: float = 0.07, learnable: bool = True, max_logit_scale: float = 100.0,
-                 global_weight: float = 0.0) -> None:
+                 global_weight: float = 0.0, tile: int = 0) -> None:
         super().__init__()
         if temperature <= 0 or max_logit_scale <= 0:
             raise ValueError("temperature and max_logit_scale must be positive")
         if global_weight < 0:
             raise ValueError("global_weight must be 0 or more")
+        check_tile(tile)
+        self.tile = tile
         self.global_weight = global_weight
         self.max_log_scale = math.log(max_logit_scale)
         self.logit_scale = nn.Parameter(torch.full([1], math.log(1 / temperature)), requires_grad=learnable)
@@ -67,9 +85,8 @@ class FILIP(nn.Module):
             scale = self.logit_scale.to(dtype).exp()
             labels = torch.arange(image.shape[0], device=image.device) + image.shape[0] * rank()
             unit_image, unit_text = F.normalize(image, dim=-1), F.normalize(text, dim=-1)
-            s_image = token_similarity(unit_image, image_mask, gather_with_grad(unit_text), gather(text_mask))
-            s_text = token_similarity(unit_text, text_mask, gather_with_grad(unit_image), gather(image_mask))
-            token_loss = (F.cross_entropy(scale * s_image, labels) + F.cross_entropy(scale * s_text, labels)) / 2
+            token_loss = (self._cross_entropy(unit_image, image_mask, unit_text, text_mask, scale, labels)
+                          + self._cross_entropy(unit_text, text_mask, unit_image, image_mask, scale, labels)) / 2
             out = {"token_loss": token_loss.detach(), "logit_scale": scale.detach().reshape(())}
             loss = token_loss
             if self.global_weight > 0:
@@ -80,6 +97,17 @@ class FILIP(nn.Module):
                 out["global_loss"] = global_loss.detach()
                 loss = loss + self.global_weight * global_loss
         return {"loss": loss, **out}
+
+    def _cross_entropy(self, queries: torch.Tensor, query_mask: torch.Tensor, keys: torch.Tensor,
+                       key_mask: torch.Tensor, scale: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """InfoNCE of the local queries over the keys of every rank, as log-sum-exp minus the matching
+        pair's logit, so that the log-sum-exp can run tile by tile."""
+        all_keys, all_masks = gather_with_grad(keys), gather(key_mask)
+        log_sum_exp = reduce_rows(
+            lambda q, m: torch.logsumexp(scale * token_similarity(q, m, all_keys, all_masks), dim=1),
+            self.tile, queries, query_mask)
+        matching = pair_similarity(queries, query_mask, all_keys[labels], all_masks[labels])
+        return (log_sum_exp - scale * matching).mean()
 
     @torch.no_grad()
     def after_step(self) -> None:

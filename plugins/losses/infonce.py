@@ -53,7 +53,7 @@ class InfoNCE(nn.Module):
                        labels: torch.Tensor) -> torch.Tensor:
         """Mean over rows of ``-log softmax(scale * rows @ columns.T)[label]``, as log-sum-exp minus the
         matching logit, so that the log-sum-exp can run tile by tile."""
-        log_sum_exp = reduce_rows(lambda r: torch.logsumexp(scale * r @ columns.T, dim=1), rows, self.tile)
+        log_sum_exp = reduce_rows(lambda r: torch.logsumexp(scale * r @ columns.T, dim=1), self.tile, rows)
         return (log_sum_exp - scale * (rows * columns[labels]).sum(dim=1)).mean()
 
     @torch.no_grad()

@@ -50,6 +50,6 @@ class SigLIP(nn.Module):
             b = image.shape[0]
             matching = scale * (image * texts[torch.arange(b, device=image.device) + b * rank()]).sum(1) + bias
             # -log sigmoid(-x) = softplus(x) for every pair, and -log sigmoid(x) = softplus(x) - x for the match
-            negatives = reduce_rows(lambda rows: F.softplus(scale * rows @ texts.T + bias).sum(1), image, self.tile)
+            negatives = reduce_rows(lambda rows: F.softplus(scale * rows @ texts.T + bias).sum(1), self.tile, image)
             loss = (negatives - matching).sum() / b
         return {"loss": loss, "logit_scale": scale.detach().reshape(()), "logit_bias": bias.detach().reshape(())}

@@ -18,13 +18,15 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 
-def reduce_rows(reduce: Callable[[torch.Tensor], torch.Tensor], rows: torch.Tensor, tile: int) -> torch.Tensor:
-    """``reduce(rows)``, one value per row, computed ``tile`` rows at a time when ``0 < tile < len(rows)``.
+def reduce_rows(reduce: Callable[..., torch.Tensor], tile: int, *rows: torch.Tensor) -> torch.Tensor:
+    """``reduce(*rows)``, one value per row, computed ``tile`` rows at a time when ``0 < tile < len(rows)``.
 
-    ``reduce`` builds the rows' similarities and reduces each row; the tensors it closes over (the other
-    modality's embeddings, the scale) get their gradients as usual.
+    ``rows`` are tensors with one row per sample (the embeddings, their token masks); ``reduce`` builds those
+    rows' similarities and reduces each row. The tensors it closes over (the other modality's embeddings, the
+    scale) get their gradients as usual.
     """
-    if tile <= 0 or tile >= rows.shape[0]:
-        return reduce(rows)
-    return torch.cat([checkpoint(reduce, rows[start:start + tile], use_reentrant=False)
-                      for start in range(0, rows.shape[0], tile)])
+    n = rows[0].shape[0]
+    if tile <= 0 or tile >= n:
+        return reduce(*rows)
+    return torch.cat([checkpoint(reduce, *(r[start:start + tile] for r in rows), use_reentrant=False)
+                      for start in range(0, n, tile)])

@@ -106,7 +106,8 @@ def test_registration():
     loss = Registry.load().get("loss", "filip")
     assert loss.declared["needs"] == {"image-tokens", "text-tokens"}
     assert [(o.name, o.default) for o in loss.options] == [("temperature", 0.07), ("learnable", True),
-                                                           ("max_logit_scale", 100.0), ("global_weight", 0.0)]
+                                                           ("max_logit_scale", 100.0), ("global_weight", 0.0),
+                                                           ("tile", 0)]
     assert describe("plugins.losses.filip:FILIP") == _describe_object(FILIP)
     assert isinstance(build("loss", "filip", None, global_weight=0.5), FILIP)
     with pytest.raises(ValueError, match="global_weight"):
@@ -118,9 +119,9 @@ def test_registration():
 B, WORLD, K, R, D = 3, 2, 4, 5, 8
 
 
-def _grads(shard: slice | None, global_weight: float) -> dict:
+def _grads(shard: slice | None, global_weight: float, tile: int) -> dict:
     torch.manual_seed(0)
-    loss = FILIP(temperature=0.2, global_weight=global_weight).double()
+    loss = FILIP(temperature=0.2, global_weight=global_weight, tile=tile).double()
     image, text = torch.randn(B * WORLD, K, D).double(), torch.randn(B * WORLD, R, D).double()
     image_mask = torch.rand(B * WORLD, K) < 0.7
     text_mask = torch.arange(R) < torch.randint(1, R + 1, (B * WORLD, 1))  # 1..R real tokens, then padding
@@ -136,17 +137,17 @@ def _grads(shard: slice | None, global_weight: float) -> dict:
             "scale": loss.logit_scale.grad}
 
 
-def _rank(rank: int, tmp: str, global_weight: float) -> None:
+def _rank(rank: int, tmp: str, global_weight: float, tile: int) -> None:
     dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=WORLD)
-    torch.save(_grads(slice(rank * B, (rank + 1) * B), global_weight), Path(tmp) / f"rank{rank}.pt")
+    torch.save(_grads(slice(rank * B, (rank + 1) * B), global_weight, tile), Path(tmp) / f"rank{rank}.pt")
     leave_rank()
 
 
-@pytest.mark.parametrize("global_weight", [0.0, 0.5])
-def test_two_ranks_equal_one_rank_with_twice_the_batch(tmp_path, global_weight):
-    mp.spawn(_rank, args=(str(tmp_path), global_weight), nprocs=WORLD, join=True)
+@pytest.mark.parametrize("global_weight, tile", [(0.0, 0), (0.5, 0), (0.0, 2)])  # tiles of 2 of 3 rows per rank
+def test_two_ranks_equal_one_rank_with_twice_the_batch(tmp_path, global_weight, tile):
+    mp.spawn(_rank, args=(str(tmp_path), global_weight, tile), nprocs=WORLD, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
-    ref = _grads(None, global_weight)
+    ref = _grads(None, global_weight, tile)
     assert not torch.allclose(ranks[0]["loss"], ranks[1]["loss"])  # the ranks see different shards
     torch.testing.assert_close(sum(r["loss"] for r in ranks) / WORLD, ref["loss"], rtol=0, atol=1e-5)
     for key in ("image", "text"):  # the gather's backward sums the ranks' losses: / WORLD for their mean

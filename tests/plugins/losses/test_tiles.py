@@ -9,6 +9,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from orchestrator.testing import check_loss_distributed
+from plugins.losses.filip import FILIP
 from plugins.losses.infonce import InfoNCE
 from plugins.losses.siglip import SigLIP
 
@@ -79,8 +80,47 @@ def test_no_tensor_holds_more_than_a_tile_of_the_matrix(name: str) -> None:
     assert largest[tile] == tile * n  # tiled: one tile of it at a time, in both passes
 
 
+def _tokens(n: int, k: int, r: int, dim: int) -> dict[str, torch.Tensor]:
+    """n images of k tokens and n texts of r tokens, some masked (every sample keeps its first token)."""
+    generator = torch.Generator().manual_seed(0)
+    image_mask = torch.rand(n, k, generator=generator) < 0.7
+    image_mask[:, 0] = True
+    return {"image_tokens": torch.randn(n, k, dim, generator=generator, dtype=torch.float64).requires_grad_(),
+            "text_tokens": torch.randn(n, r, dim, generator=generator, dtype=torch.float64).requires_grad_(),
+            "image_mask": image_mask,
+            "text_mask": torch.arange(r) < torch.randint(1, r + 1, (n, 1), generator=generator)}
+
+
+@pytest.mark.parametrize("tile", [1, 3, 4])
+@pytest.mark.parametrize("global_weight", [0.0, 0.5])
+def test_filip_tiles_give_the_loss_and_gradients_of_the_whole_similarity(tile: int, global_weight: float) -> None:
+    batch = _tokens(10, 4, 5, 6)
+    results = []
+    for t in (0, tile):
+        loss = FILIP(temperature=0.2, global_weight=global_weight, tile=t).double()
+        batch["image_tokens"].grad = batch["text_tokens"].grad = None
+        out = loss(batch)["loss"]
+        out.backward()
+        results.append([out.detach(), batch["image_tokens"].grad, batch["text_tokens"].grad, loss.logit_scale.grad])
+    assert all(g.abs().sum() > 0 for g in results[0])
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-12)
+
+
+def test_filip_holds_a_tile_of_the_token_similarities() -> None:
+    n, k, r, tile = 32, 3, 4, 8
+    batch = {key: v.detach().float().requires_grad_(v.requires_grad) for key, v in _tokens(n, k, r, 8).items()}
+    largest = {}
+    for t in (0, tile):
+        with _LargestTensor() as mode:
+            FILIP(tile=t)(batch)["loss"].backward()
+        largest[t] = mode.largest
+    assert largest[0] == n * n * k * r  # every image token against every text token of every sample
+    assert largest[tile] == tile * n * k * r
+
+
 def test_a_negative_tile_is_refused() -> None:
-    for loss in LOSSES.values():
+    for loss in [*LOSSES.values(), FILIP]:
         with pytest.raises(ValueError, match="tile=-1 must be 0"):
             loss(tile=-1)
 
