@@ -3,7 +3,7 @@
 Cheng et al. 2024, "Breaking the Memory Barrier: Near Infinite Batch Size Scaling for Contrastive Loss":
 the memory of a contrastive loss over B x N similarities is the similarity matrix itself (and its softmax,
 and the softmax's gradient), quadratic in the batch, while everything else is linear. Losses whose terms
-reduce each row of the matrix on its own (InfoNCE's log-sum-exp, SigLIP's sum of sigmoid terms) can score
+reduce each row of the matrix on its own (InfoNCE's and FILIP's log-sum-exp, SigLIP's sum of sigmoid terms) can score
 ``tile`` rows at a time: each tile is checkpointed, so the forward pass keeps only one reduced value per
 row and the backward pass recomputes one tile at a time. The result and the gradients are those of the
 whole matrix; the price is one more matrix product per tile. Inf-CL also tiles the columns and passes the
@@ -19,7 +19,7 @@ from torch.utils.checkpoint import checkpoint
 
 
 def reduce_rows(reduce: Callable[..., torch.Tensor], tile: int, *rows: torch.Tensor) -> torch.Tensor:
-    """``reduce(*rows)``, one value per row, computed ``tile`` rows at a time when ``0 < tile < len(rows)``.
+    """``reduce(*rows)``, one value per row, computed ``tile`` rows at a time when ``0 < tile < n`` rows.
 
     ``rows`` are tensors with one row per sample (the embeddings, their token masks); ``reduce`` builds those
     rows' similarities and reduces each row. The tensors it closes over (the other modality's embeddings, the
