@@ -10,6 +10,7 @@ Exit codes: 0 finished, 2 failed for good (reason in ``attempt-N.result.json``),
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import dataclasses
 import json
@@ -22,6 +23,7 @@ import sys
 import threading
 import time
 import traceback
+from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -385,7 +387,7 @@ def _refresh_sampler(comp: Composition, model: RunModel, device: torch.device, p
     split = comp.dataset.train
     ctx = EvalContext(model.image_encoder, model.text_tower, comp.dataset, device, DTYPES[precision])
     model.eval()
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+    with _rng_kept():
         embeddings = ctx.encode_images([split[i]["image"] for i in range(len(split))])
     model.train()
     comp.sampler.refresh(embeddings.float().cpu())
@@ -402,13 +404,13 @@ def _mean_over_ranks(sums: dict[str, torch.Tensor], steps: int) -> dict[str, flo
 
 def _evaluate(comp: Composition, model: RunModel, device: torch.device, precision: str,
               trainer: dict[str, Any]) -> dict[str, float]:
-    """Run every evaluator; RNG is forked so evaluating never changes the training trajectory."""
+    """Run every evaluator; the RNGs are kept so evaluating never changes the training trajectory."""
     results: dict[str, float] = {}
     everywhere = trainer["zero"] == 3  # partitioned parameters: every rank must take part in forwards
     if dist.get_rank() == 0 or everywhere:
         ctx = EvalContext(model.image_encoder, model.text_tower, comp.dataset, device, DTYPES[precision])
         model.eval()
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        with _rng_kept():
             for name, evaluator in comp.evaluators:
                 for key, value in evaluator.evaluate(ctx).items():
                     results[f"{name}/{key}"] = float(value)
@@ -465,6 +467,17 @@ def _get_rng() -> dict[str, Any]:
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
+
+
+@contextlib.contextmanager
+def _rng_kept() -> Iterator[None]:
+    """Python's, numpy's and torch's global RNG states as they were before the block: a plugin's evaluator or
+    sampler refresh may draw from any of them (``torch.random.fork_rng`` keeps torch's alone)."""
+    state = _get_rng()
+    try:
+        yield
+    finally:
+        _set_rng(state)
 
 
 def _set_rng(state: dict[str, Any]) -> None:
