@@ -73,6 +73,7 @@ CASES: list[tuple[str, list[str], str]] = [
     ("negative tile", ["queue", "--loss", "infonce:tile=-1"], "tile=-1 must be 0"),
     ("negative siglip tile", ["queue", "--loss", "siglip:tile=-8"], "tile=-8 must be 0"),
     ("negative filip tile", ["queue", "--loss", "filip:tile=-2"], "tile=-2 must be 0"),
+    ("negative soft-infonce tile", ["queue", "--loss", "soft-infonce:tile=-4"], "tile=-4 must be 0"),
     ("not in choices", ["queue", "--encoder", "vit:pool=max"], "one of cls, mean"),
     ("unknown option", ["queue", "--sampler", "random:shuffle=true"], "valid options: drop_last=True"),
     ("huge option value", ["queue", "--encoder", f"vit:depth={HUGE}"], "the limit is"),

@@ -8,7 +8,8 @@ from plugins.losses.options import resolve_tiled
 def register_losses(register):
     register("infonce", "plugins.losses.infonce:InfoNCE", needs={"image", "text"}, resolve=resolve_tiled)
     register("siglip", "plugins.losses.siglip:SigLIP", needs={"image", "text"}, resolve=resolve_tiled)
-    register("soft-infonce", "plugins.losses.soft_infonce:SoftInfoNCE", needs={"image", "text"})
+    register("soft-infonce", "plugins.losses.soft_infonce:SoftInfoNCE", needs={"image", "text"},
+             resolve=resolve_tiled)
     register("filip", "plugins.losses.filip:FILIP", needs={"image-tokens", "text-tokens"}, resolve=resolve_tiled)
     register("ntxent", "plugins.losses.ntxent:NTXent", needs={"views"})
     register("supcon", "plugins.losses.supcon:SupCon", needs={"views", "label"})

@@ -10,11 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from orchestrator.distributed import gather, gather_with_grad
-
-
-def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean over rows of ``-sum_j targets_ij log softmax(logits_i)_j``, each row of ``targets`` summing to 1."""
-    return -(targets * F.log_softmax(logits, dim=-1)).sum(dim=-1).mean()
+from plugins.losses.options import check_tile
+from plugins.losses.tiles import reduce_rows
 
 
 class SoftInfoNCE(nn.Module):
@@ -28,23 +25,26 @@ class SoftInfoNCE(nn.Module):
     directions (``w`` is symmetric). With ``w = I`` it is InfoNCE (CLIP). The temperature is learnable as in
     ``infonce`` (start ``temperature``, ``logit_scale`` clamped to ln ``max_logit_scale`` after each step).
     Each rank scores its B rows against the B x world columns of every rank: exact across ranks.
+    ``tile`` > 0 scores that many rows at a time, their targets included (Inf-CL, see ``tiles.py``): the same
+    loss and gradients without the two B x B·world matrices.
     """
 
     def __init__(self, weights: Literal["text", "image"] = "text", temperature: float = 0.07,
-                 learnable: bool = True, max_logit_scale: float = 100.0) -> None:
+                 learnable: bool = True, max_logit_scale: float = 100.0, tile: int = 0) -> None:
         super().__init__()
         if weights not in ("text", "image"):
             raise ValueError(f"weights must be 'text' or 'image', not {weights!r}")
         if temperature <= 0 or max_logit_scale <= 0:
             raise ValueError("temperature and max_logit_scale must be positive")
-        self.weights = weights
+        check_tile(tile)
+        self.weights, self.tile = weights, tile
         self.max_log_scale = math.log(max_logit_scale)
         self.logit_scale = nn.Parameter(torch.full([1], math.log(1 / temperature)), requires_grad=learnable)
 
-    def targets(self, image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        """``[B, B x world]`` row-normalised CWCL weights from the (unit-norm) embeddings of ``weights``."""
-        q = (text if self.weights == "text" else image).detach()
-        w = (q @ gather(q).T + 1) / 2
+    def targets(self, rows: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+        """Row-normalised CWCL weights of some samples (``rows``) against the gathered batch (``columns``), from
+        the unit-norm, detached embeddings of the ``weights`` modality."""
+        w = (rows @ columns.T + 1) / 2
         return w / w.sum(dim=-1, keepdim=True)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -54,10 +54,22 @@ class SoftInfoNCE(nn.Module):
             image = F.normalize(image.to(dtype), dim=-1)
             text = F.normalize(text.to(dtype), dim=-1)
             scale = self.logit_scale.to(dtype).exp()
-            targets = self.targets(image, text)
-            loss = (soft_cross_entropy(scale * image @ gather_with_grad(text).T, targets)
-                    + soft_cross_entropy(scale * text @ gather_with_grad(image).T, targets)) / 2
+            q = (text if self.weights == "text" else image).detach()
+            loss = (self._soft_cross_entropy(image, gather_with_grad(text), q, scale)
+                    + self._soft_cross_entropy(text, gather_with_grad(image), q, scale)) / 2
         return {"loss": loss, "logit_scale": scale.detach().reshape(())}
+
+    def _soft_cross_entropy(self, rows: torch.Tensor, columns: torch.Tensor, q: torch.Tensor,
+                            scale: torch.Tensor) -> torch.Tensor:
+        """Mean over rows of ``-sum_j w_ij log softmax(scale * rows @ columns.T)_ij``; ``q`` holds the rows'
+        embeddings that weigh the targets (the same targets serve both directions: ``w`` is symmetric)."""
+        q_columns = gather(q)
+
+        def per_row(r: torch.Tensor, q_rows: torch.Tensor) -> torch.Tensor:
+            log_p = F.log_softmax(scale * r @ columns.T, dim=-1)
+            return -(self.targets(q_rows, q_columns) * log_p).sum(dim=-1)
+
+        return reduce_rows(per_row, self.tile, rows, q).mean()
 
     @torch.no_grad()
     def after_step(self) -> None:

@@ -55,11 +55,12 @@ def test_targets_hand_computed():
 
 
 class OneHot(SoftInfoNCE):
-    """w = I: the one-hot targets of InfoNCE, on this rank's rows of the gathered batch."""
+    """w = I: the one-hot targets of InfoNCE, on this rank's rows of the gathered batch (untiled: ``rows`` is
+    the whole local batch)."""
 
-    def targets(self, image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        b = image.shape[0]
-        return F.one_hot(torch.arange(b) + b * rank(), b).to(image.dtype)
+    def targets(self, rows: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+        b = rows.shape[0]
+        return F.one_hot(torch.arange(b) + b * rank(), columns.shape[0]).to(rows.dtype)
 
 
 def test_identity_weights_are_infonce():
@@ -107,7 +108,7 @@ def test_contract_and_registration():
     check("loss", "soft-infonce")
     loss = Registry.load().get("loss", "soft-infonce")
     assert loss.declared["needs"] == {"image", "text"}
-    assert [o.name for o in loss.options] == ["weights", "temperature", "learnable", "max_logit_scale"]
+    assert [o.name for o in loss.options] == ["weights", "temperature", "learnable", "max_logit_scale", "tile"]
     assert describe("plugins.losses.soft_infonce:SoftInfoNCE") == _describe_object(SoftInfoNCE)
 
 

@@ -12,8 +12,11 @@ from orchestrator.testing import check_loss_distributed
 from plugins.losses.filip import FILIP
 from plugins.losses.infonce import InfoNCE
 from plugins.losses.siglip import SigLIP
+from plugins.losses.soft_infonce import SoftInfoNCE
 
-LOSSES = {"infonce": InfoNCE, "siglip": SigLIP}
+LOSSES = {"infonce": InfoNCE, "siglip": SigLIP, "soft-infonce": SoftInfoNCE}
+OPTIONS = {"infonce": {"temperature": 0.1}, "siglip": {"init_scale": 3.0, "init_bias": -1.0},
+           "soft-infonce": {"temperature": 0.1, "weights": "image"}}
 
 
 def _embeddings(n: int, dim: int, dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
@@ -34,9 +37,8 @@ def _loss_and_grads(loss: nn.Module, image: torch.Tensor, text: torch.Tensor) ->
 @pytest.mark.parametrize("tile", [1, 3, 4, 9])
 def test_tiles_give_the_loss_and_gradients_of_the_whole_matrix(name: str, tile: int) -> None:
     image, text = _embeddings(10, 6)  # 10 rows: tiles of 3 and 4 leave a short last tile
-    options = {"temperature": 0.1} if name == "infonce" else {"init_scale": 3.0, "init_bias": -1.0}
-    whole = _loss_and_grads(LOSSES[name](**options).double(), image, text)
-    tiled = _loss_and_grads(LOSSES[name](**options, tile=tile).double(), image, text)
+    whole = _loss_and_grads(LOSSES[name](**OPTIONS[name]).double(), image, text)
+    tiled = _loss_and_grads(LOSSES[name](**OPTIONS[name], tile=tile).double(), image, text)
     assert all(g is not None and g.abs().sum() > 0 for g in whole)
     for a, b in zip(whole, tiled, strict=True):
         torch.testing.assert_close(b, a, rtol=0, atol=1e-12)
