@@ -219,6 +219,9 @@ def resolve_trainer(raw: dict[str, str]) -> dict[str, Any]:
     if values["grad_cache"] and values["zero"] == 3:
         raise UserError("--grad-cache works with --zero 0, 1 or 2 (ZeRO-3 partitions the parameters outside "
                         "forwards): lower --zero or drop --grad-cache")
+    for key in ("weight_decay", "weight_decay_end"):
+        if values[key] is not None and values[key] < 0:
+            raise UserError(f"--{key.replace('_', '-')} must be 0 or more, got {values[key]}")
     if values["lr"] <= 0:
         raise UserError(f"--lr must be positive, got {values['lr']}")
     if values["log_every"] < 1:

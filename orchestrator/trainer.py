@@ -17,6 +17,7 @@ def trainer(
     batch_size: int = 128,
     lr: float = 1e-3,
     weight_decay: float = 0.1,
+    weight_decay_end: float | None = None,
     warmup: int | None = None,
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto",
     zero: Literal[0, 1, 2, 3] = 0,
@@ -40,6 +41,7 @@ def trainer(
     ``all`` takes every GPU of the worker that runs it (``orch worker --gpus``), decided at launch.
     ``precision=auto`` trains in bf16 on GPUs that support it and in fp32 on the CPU.
     ``warmup`` (linear, then cosine decay to 0) defaults to a tenth of ``steps``.
+    ``weight_decay_end`` turns the weight decay into a cosine from ``weight_decay`` to it over the run (DINO).
     ``workers`` is the number of data-loading processes per rank (0 loads in the training process); they live
     for the whole attempt, each keeping ``prefetch`` micro-batches ready.
     ``activation_checkpointing`` recomputes the encoders' activations in the backward pass (less memory, about

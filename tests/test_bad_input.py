@@ -88,6 +88,7 @@ CASES: list[tuple[str, list[str], str]] = [
     ("zero steps", ["queue", "--steps", "0"], "--steps must be at least 1"),
     ("negative steps", ["queue", "--steps", "-5"], "--steps must be at least 1"),
     ("zero learning rate", ["queue", "--lr", "0"], "--lr must be positive"),
+    ("negative weight decay end", ["queue", "--weight-decay-end", "-0.4"], "--weight-decay-end must be 0 or more"),
     ("batch not divisible", ["queue", "--batch-size", "100", "--gpus", "3"], "not divisible"),
     ("unknown precision", ["queue", "--precision", "fp8"], "one of auto, fp32, bf16, fp16"),
     ("ZeRO stage 4", ["queue", "--zero", "4"], "one of 0, 1, 2, 3"),

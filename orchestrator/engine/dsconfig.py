@@ -1,4 +1,4 @@
-"""Synthesise the DeepSpeed config and the learning-rate schedule from the trainer options."""
+"""Synthesise the DeepSpeed config and the learning-rate and weight-decay schedules from the trainer options."""
 
 from __future__ import annotations
 
@@ -53,3 +53,13 @@ def warmup_cosine(warmup: int, steps: int) -> Callable[[int], float]:
         return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
     return factor
+
+
+def weight_decay_at(trainer: dict[str, Any], step: int) -> float:
+    """The weight decay of the optimizer step after ``step`` steps: ``weight_decay`` throughout, or with
+    ``weight_decay_end`` a cosine from one to the other over the run, as DINO's ``cosine_scheduler`` (Caron et
+    al. 2021: 0.04 to 0.4; iBOT and DINOv2 keep it)."""
+    start, end = trainer["weight_decay"], trainer.get("weight_decay_end")  # specs queued before it have none
+    if end is None:
+        return start
+    return end + 0.5 * (start - end) * (1 + math.cos(math.pi * min(step / trainer["steps"], 1.0)))

@@ -42,7 +42,13 @@ from orchestrator.engine.checkpoint import (
     write_manifest,
 )
 from orchestrator.engine.compose import Composition, RunModel, build, to_device
-from orchestrator.engine.dsconfig import clips_outside_deepspeed, deepspeed_config, effective_precision, warmup_cosine
+from orchestrator.engine.dsconfig import (
+    clips_outside_deepspeed,
+    deepspeed_config,
+    effective_precision,
+    warmup_cosine,
+    weight_decay_at,
+)
 from orchestrator.engine.evaluation import EvalContext
 from orchestrator.engine.gradcache import engine_cached_step
 from orchestrator.engine.scale import prepare, run_after_step
@@ -208,6 +214,8 @@ def train(spec: dict[str, Any], registry: Registry, run: RunInfo, store: Store |
                 elapsed = time.perf_counter() - interval_start
                 scalars = {f"train/{k}": v for k, v in scalars.items()}
                 scalars["train/lr"] = scheduler.get_last_lr()[0]
+                if trainer.get("weight_decay_end") is not None:
+                    scalars["train/weight_decay"] = weight_decay_at(trainer, step - 1)  # that of the last step
                 scalars["train/samples_per_s"] = interval_steps * trainer["batch_size"] / max(elapsed, 1e-9)
                 if rank == 0:
                     print(f"step {step}/{trainer['steps']}  loss {scalars.get('train/loss', float('nan')):.4f}  "
@@ -259,6 +267,14 @@ def make_engine(model: RunModel, trainer: dict[str, Any], device: torch.device, 
         factors += [_constant] * 2
     optimizer = torch.optim.AdamW(groups, lr=trainer["lr"], betas=(0.9, 0.98), eps=1e-6, fused=device.type == "cuda")
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factors)
+    if trainer.get("weight_decay_end") is not None:
+        decaying = groups[0::2]  # _decay_groups: the matrices' group first, then the no-decay one
+
+        def decay(*_: Any) -> None:  # inside engine.step(); the schedule's count is restored with a checkpoint
+            for group in decaying:
+                group["weight_decay"] = weight_decay_at(trainer, schedule.last_epoch)
+
+        optimizer.register_step_pre_hook(decay)
     if world == 1 and not dist.is_initialized():  # a lone rank (started without torchrun): no rendezvous
         from deepspeed.accelerator import get_accelerator
 
