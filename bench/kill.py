@@ -8,7 +8,7 @@ through: right after the claim, mid-training, mid-checkpoint-write, mid-evaluati
 random delay over the reference run's duration), wait for its orphaned training processes to exit (they
 die with their parent via PR_SET_PDEATHSIG), sleep past the lease, and run ``orch worker --quiet`` to
 finish. A trial passes when the run finished exactly once (attempts: interrupted..., finished), its
-metrics have no duplicate steps, its final metrics (except train/samples_per_s, a wall-clock figure)
+metrics have no duplicate steps, its final metrics (except the wall-clock `TIMING_METRICS`)
 equal the reference's bitwise (the three core checks), and it logged the same (name, step) pairs as the
 reference (no evaluation lost to the kill); the summary counts both. The phase actually hit
 is read from the store, the checkpoint folder and the attempt log at the moment of the kill.
@@ -39,6 +39,7 @@ from collections.abc import Callable  # noqa: E402
 from typing import Any  # noqa: E402
 
 from bench._common import header, orch_command, table, write_json  # noqa: E402
+from orchestrator.runinfo import TIMING_METRICS  # noqa: E402
 
 SPEC = ["--encoder", "vit:depth=1,width=64,embed_dim=64", "--text-encoder",
         "text-transformer:depth=1,width=64,embed_dim=64", "--batch-size", "64",
@@ -75,11 +76,11 @@ def open_store(cwd: Path) -> Any:
 
 
 def comparable(metrics: dict[str, float]) -> dict[str, float]:
-    return {k: v for k, v in metrics.items() if k != "train/samples_per_s"}  # wall-clock, not a result
+    return {k: v for k, v in metrics.items() if k not in TIMING_METRICS}  # wall-clock, not results
 
 
 def series(store: Any) -> list[tuple[str, int, float]]:
-    return [(m["name"], m["step"], m["value"]) for m in store.metrics(RUN_ID) if m["name"] != "train/samples_per_s"]
+    return [(m["name"], m["step"], m["value"]) for m in store.metrics(RUN_ID) if m["name"] not in TIMING_METRICS]
 
 
 def snapshot(store: Any, cwd: Path) -> dict[str, Any]:

@@ -6,6 +6,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+# Training metrics read off the wall clock (speed; the share of time spent waiting for the loader): they differ
+# between runs that are otherwise bitwise equal, so comparisons of results leave them out.
+TIMING_METRICS = frozenset({"train/samples_per_s", "train/data_wait"})
+
 
 @dataclass(frozen=True)
 class RunInfo:

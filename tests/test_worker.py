@@ -12,6 +12,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from orchestrator.runinfo import TIMING_METRICS
 from orchestrator.store import Store
 from tests.conftest import orch
 
@@ -39,7 +40,7 @@ def _training_processes(run_dir: Path) -> list[psutil.Process]:
 
 
 def _comparable(metrics: dict[str, float]) -> dict[str, float]:
-    return {k: v for k, v in metrics.items() if k != "train/samples_per_s"}  # wall-clock, not a result
+    return {k: v for k, v in metrics.items() if k not in TIMING_METRICS}  # wall-clock, not results
 
 
 # An image-image run with state everywhere: augmented views, an EMA teacher made by bind(), and a sampler

@@ -184,12 +184,14 @@ def train(spec: dict[str, Any], registry: Registry, run: RunInfo, store: Store |
         prefetch_factor=trainer.get("prefetch", 2) if workers else None, generator=_loader_generator(trainer, rank))
 
     grad_cache = trainer.get("grad_cache", 0)  # specs queued before the option have none
-    interval_start = time.perf_counter()
+    interval_start, data_wait = time.perf_counter(), 0.0
     while step < trainer["steps"]:
         epoch_batches, micro_batches = epoch_loader(epoch, batch_in_epoch)
         while batch_in_epoch < epoch_batches:
             for _ in range(trainer["accum"]):
+                asked = time.perf_counter()
                 batch = next(micro_batches)
+                data_wait += time.perf_counter() - asked  # open_clip's data_time: is the loader keeping up?
                 if grad_cache:  # GradCache (Gao et al. 2021): the batch in chunks, the same gradients; the batch
                     out = engine_cached_step(engine, batch, grad_cache)  # stays in host memory, chunk by chunk
                 else:
@@ -217,12 +219,14 @@ def train(spec: dict[str, Any], registry: Registry, run: RunInfo, store: Store |
                 if trainer.get("weight_decay_end") is not None:
                     scalars["train/weight_decay"] = weight_decay_at(trainer, step - 1)  # that of the last step
                 scalars["train/samples_per_s"] = interval_steps * trainer["batch_size"] / max(elapsed, 1e-9)
+                scalars["train/data_wait"] = min(data_wait / max(elapsed, 1e-9), 1.0)
                 if rank == 0:
                     print(f"step {step}/{trainer['steps']}  loss {scalars.get('train/loss', float('nan')):.4f}  "
-                          f"{scalars['train/samples_per_s']:.0f} samples/s", flush=True)
+                          f"{scalars['train/samples_per_s']:.0f} samples/s  "
+                          f"{scalars['train/data_wait']:.0%} waiting for data", flush=True)
                 if reporter:
                     reporter.log(step, scalars)
-                interval, interval_start, interval_steps = {}, time.perf_counter(), 0
+                interval, interval_start, interval_steps, data_wait = {}, time.perf_counter(), 0, 0.0
             if trainer["eval_every"] and step % trainer["eval_every"] == 0 and step < trainer["steps"]:
                 results = _evaluate(comp, model, device, precision, trainer)
                 if reporter:

@@ -19,6 +19,7 @@ from orchestrator.engine.compose import RunModel
 from orchestrator.engine.scale import fp32_master, prepare, run_after_step
 from orchestrator.errors import UserError
 from orchestrator.launch import Launch, command, environment, parse_gpus, plan, read_hostfile, worker_devices
+from orchestrator.runinfo import TIMING_METRICS
 from orchestrator.spec import TRAINER_OPTIONS, resolve_trainer
 from plugins.encoders.text_transformer import TextTransformer
 from plugins.encoders.vit import VisionTransformer
@@ -313,12 +314,36 @@ def test_persistent_loader_workers_and_activation_checkpointing_end_to_end(workd
         result = orch("run", *SMALL, *extra, "--quiet", cwd=workdir)
         assert result.returncode == 0, result.stdout + result.stderr + (workdir / f"runs/{i}/attempt-1.log").read_text()
     store = Store.open(f"sqlite:///{workdir}/experiments.db")
-    series = [{(m["name"], m["step"]): m["value"] for m in store.metrics(i) if m["name"] != "train/samples_per_s"}
+    series = [{(m["name"], m["step"]): m["value"] for m in store.metrics(i) if m["name"] not in TIMING_METRICS}
               for i in (1, 2, 3)]
     assert series[1] == series[0]
     assert series[2].keys() == series[0].keys()
     for key, value in series[0].items():
         assert series[2][key] == pytest.approx(value, rel=1e-4, abs=1e-4), key
+
+
+def test_a_run_bound_by_its_loader_says_so(workdir: Path) -> None:
+    """``train/data_wait``, the share of wall time the training loop waited for batches: a tiny model fed from a CSV
+    of large JPEGs, decoded when indexed (2,000 x 2,000 pixels each), spends most of its steps waiting."""
+    import numpy as np
+    from PIL import Image
+
+    from orchestrator.store import Store
+
+    noise = np.random.default_rng(0).integers(0, 256, (2000, 2000, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(workdir / "big.jpg", quality=95)
+    rows = [f"big.jpg,photo number {i}" for i in range(40)]
+    (workdir / "big.csv").write_text("image,caption\n" + "\n".join(rows) + "\n")
+    result = orch("run", "--data", "csv:path=big.csv,image_size=32,test_fraction=0.1",
+                  "--encoder", "vit:image_size=32,patch_size=8,depth=1,width=32,heads=2,embed_dim=32",
+                  "--text-encoder", "text-transformer:depth=1,width=32,heads=2,embed_dim=32", "--batch-size", "16",
+                  "--steps", "4", "--log-every", "2", "--checkpoint-every", "0", "--eval", "retrieval", "--quiet",
+                  cwd=workdir)
+    assert result.returncode == 0, result.stdout + result.stderr
+    waits = [m["value"] for m in Store.open(f"sqlite:///{workdir}/experiments.db").metrics(1)
+             if m["name"] == "train/data_wait"]
+    assert len(waits) == 2 and all(0.5 < w <= 1 for w in waits), waits
+    assert "waiting for data" in (workdir / "runs/1/attempt-1.log").read_text()
 
 
 @pytest.mark.slow
