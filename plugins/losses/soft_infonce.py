@@ -55,15 +55,16 @@ class SoftInfoNCE(nn.Module):
             text = F.normalize(text.to(dtype), dim=-1)
             scale = self.logit_scale.to(dtype).exp()
             q = (text if self.weights == "text" else image).detach()
-            loss = (self._soft_cross_entropy(image, gather_with_grad(text), q, scale)
-                    + self._soft_cross_entropy(text, gather_with_grad(image), q, scale)) / 2
+            q_columns = gather(q)
+            loss = (self._soft_cross_entropy(image, gather_with_grad(text), q, q_columns, scale)
+                    + self._soft_cross_entropy(text, gather_with_grad(image), q, q_columns, scale)) / 2
         return {"loss": loss, "logit_scale": scale.detach().reshape(())}
 
     def _soft_cross_entropy(self, rows: torch.Tensor, columns: torch.Tensor, q: torch.Tensor,
-                            scale: torch.Tensor) -> torch.Tensor:
-        """Mean over rows of ``-sum_j w_ij log softmax(scale * rows @ columns.T)_ij``; ``q`` holds the rows'
-        embeddings that weigh the targets (the same targets serve both directions: ``w`` is symmetric)."""
-        q_columns = gather(q)
+                            q_columns: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """Mean over rows of ``-sum_j w_ij log softmax(scale * rows @ columns.T)_ij``, the targets ``w`` from the
+        rows' and columns' embeddings of the ``weights`` modality (``q``; the same targets serve both directions:
+        ``w`` is symmetric)."""
 
         def per_row(r: torch.Tensor, q_rows: torch.Tensor) -> torch.Tensor:
             log_p = F.log_softmax(scale * r @ columns.T, dim=-1)
