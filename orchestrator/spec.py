@@ -181,7 +181,8 @@ def resolve_component(component: Component, raw: dict[str, str], flag: str) -> d
     known = {o.name: o for o in component.options}
     for key in raw:
         if key not in known:
-            valid = ", ".join(f"{o.name}={'<required>' if o.required else o.default}" for o in component.options)
+            valid = ", ".join(f"{o.name}={'<required>' if o.required else _json_default(o.default)}"
+                              for o in component.options)
             raise UserError(f"{where}: unknown option {key!r}; valid options: {valid or 'none'}")
     options: dict[str, Any] = {}
     for opt in component.options:
