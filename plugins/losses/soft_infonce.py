@@ -55,22 +55,17 @@ class SoftInfoNCE(nn.Module):
             text = F.normalize(text.to(dtype), dim=-1)
             scale = self.logit_scale.to(dtype).exp()
             q = (text if self.weights == "text" else image).detach()
-            q_columns = gather(q)
-            loss = (self._soft_cross_entropy(image, gather_with_grad(text), q, q_columns, scale)
-                    + self._soft_cross_entropy(text, gather_with_grad(image), q, q_columns, scale)) / 2
+            q_columns, texts, images = gather(q), gather_with_grad(text), gather_with_grad(image)
+
+            def per_row(image_rows: torch.Tensor, text_rows: torch.Tensor, q_rows: torch.Tensor) -> torch.Tensor:
+                """Both directions' ``-sum_j w_ij log softmax(logits_i)_j`` for these rows: ``w`` is symmetric,
+                so one row of targets serves image->text and text->image alike."""
+                log_p = (F.log_softmax(scale * image_rows @ texts.T, dim=-1)
+                         + F.log_softmax(scale * text_rows @ images.T, dim=-1))
+                return -(self.targets(q_rows, q_columns) * log_p).sum(dim=-1)
+
+            loss = reduce_rows(per_row, self.tile, image, text, q).mean() / 2
         return {"loss": loss, "logit_scale": scale.detach().reshape(())}
-
-    def _soft_cross_entropy(self, rows: torch.Tensor, columns: torch.Tensor, q: torch.Tensor,
-                            q_columns: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        """Mean over rows of ``-sum_j w_ij log softmax(scale * rows @ columns.T)_ij``, the targets ``w`` from the
-        rows' and columns' embeddings of the ``weights`` modality (``q``; the same targets serve both directions:
-        ``w`` is symmetric)."""
-
-        def per_row(r: torch.Tensor, q_rows: torch.Tensor) -> torch.Tensor:
-            log_p = F.log_softmax(scale * r @ columns.T, dim=-1)
-            return -(self.targets(q_rows, q_columns) * log_p).sum(dim=-1)
-
-        return reduce_rows(per_row, self.tile, rows, q).mean()
 
     @torch.no_grad()
     def after_step(self) -> None:

@@ -3,11 +3,12 @@
 Cheng et al. 2024, "Breaking the Memory Barrier: Near Infinite Batch Size Scaling for Contrastive Loss":
 the memory of a contrastive loss over B x N similarities is the similarity matrix itself (and its softmax,
 and the softmax's gradient), quadratic in the batch, while everything else is linear. Losses whose terms
-reduce each row of the matrix on its own (InfoNCE's and FILIP's log-sum-exp, SigLIP's sum of sigmoid terms) can score
-``tile`` rows at a time: each tile is checkpointed, so the forward pass keeps only one reduced value per
-row and the backward pass recomputes one tile at a time. The result and the gradients are those of the
-whole matrix; the price is one more matrix product per tile. Inf-CL also tiles the columns and passes the
-gathered embeddings around a ring; tiling the rows is what takes the memory from B x N to tile x N.
+reduce each row of the matrix on its own (InfoNCE's and FILIP's log-sum-exp, SigLIP's sum of sigmoid terms,
+soft-infonce's row of soft targets against a row of log-probabilities) can score ``tile`` rows at a time:
+each tile is checkpointed, so the forward pass keeps only one reduced value per row and the backward pass
+recomputes one tile at a time. The result and the gradients are those of the whole matrix; the price is one
+more matrix product per tile. Inf-CL also tiles the columns and passes the gathered embeddings around a
+ring; tiling the rows is what takes the memory from B x N to tile x N.
 """
 
 from __future__ import annotations
