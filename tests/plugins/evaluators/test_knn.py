@@ -6,6 +6,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
+from probe_data import mark, marked_mnist
 from torch import nn
 
 from orchestrator.data import LabelledSplit
@@ -13,7 +14,6 @@ from orchestrator.engine.evaluation import EvalContext
 from orchestrator.errors import UserError
 from orchestrator.registry import Registry
 from orchestrator.testing import assert_light, check, check_evaluator, eval_context
-from plugins.datasets.mnist import MNIST
 from plugins.evaluators import knn as knn_module
 from plugins.evaluators.knn import KNN, knn_votes
 
@@ -34,18 +34,9 @@ class PixelClassImage(nn.Module):
         return torch.cat([onehot, 0.1 * images[:, 0, 5:7, 5:7].flatten(1)], dim=1)
 
 
-def mark(images: torch.Tensor, ids) -> torch.Tensor:
-    images = images.clone()
-    images[:, 0, 0, 0] = torch.as_tensor(ids, dtype=torch.float32) / 9
-    return images
-
-
 @pytest.fixture(scope="module")
 def mnist():
-    data = MNIST()
-    data.train.images = mark(data.train.images, data.train.labels)
-    data.test.images = mark(data.test.images, data.test.labels)
-    return data
+    return marked_mnist()
 
 
 def context(dataset) -> EvalContext:
@@ -66,7 +57,7 @@ def test_shuffled_bank_labels_score_chance(mnist):
     generator = torch.Generator().manual_seed(0)
     shuffled = torch.tensor(mnist.train.labels)[torch.randperm(len(mnist.train), generator=generator)]
     # the features follow the shuffled ids, the labels the true classes: neighbours carry no information
-    train = LabelledSplit(mark(mnist.train.images, shuffled), mnist.train.labels)
+    train = LabelledSplit(mark(mnist.train.images, shuffled, 10), mnist.train.labels)
     data = SimpleNamespace(train=train, test=mnist.test, class_names=mnist.class_names)
     metrics = KNN().evaluate(context(data))
     assert 3.0 < metrics["top1"] < 20.0  # 10 classes: chance is 10%

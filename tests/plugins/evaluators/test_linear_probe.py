@@ -2,13 +2,12 @@
 
 import pytest
 import torch
-from probe_data import PixelIdImage, mark, synthetic
+from probe_data import PixelIdImage, marked_mnist, synthetic
 
 from orchestrator.engine.evaluation import EvalContext
 from orchestrator.errors import UserError
 from orchestrator.registry import Registry
 from orchestrator.testing import assert_light, check, check_evaluator, eval_context
-from plugins.datasets.mnist import MNIST
 from plugins.evaluators.linear_probe import LinearProbe, binary_search_log_c
 
 
@@ -17,9 +16,7 @@ def context(dataset, classes) -> EvalContext:
 
 
 def test_separating_features_on_mnist_score_100():
-    data = MNIST()
-    data.train.images = mark(data.train.images, data.train.labels, 10)
-    data.test.images = mark(data.test.images, data.test.labels, 10)
+    data = marked_mnist()
     probe = LinearProbe(refinements=1)
     assert probe.evaluate(context(data, 10)) == {"top1": 100.0, "top5": 100.0}
     protocol = probe.protocol()

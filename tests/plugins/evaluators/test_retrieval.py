@@ -5,14 +5,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
-from probe_data import PixelIdImage, mark
+from probe_data import PixelIdImage, mark, marked_mnist
 from torch import nn
 
 from orchestrator.data import LabelledSplit
 from orchestrator.engine.evaluation import EvalContext
 from orchestrator.registry import Registry
 from orchestrator.testing import assert_light, check, eval_context
-from plugins.datasets.mnist import MNIST
 from plugins.evaluators.retrieval import Retrieval, expected_recall
 
 
@@ -58,8 +57,7 @@ def test_mismatched_pairs_and_a_near_miss():
 
 
 def test_only_the_exact_pair_counts_on_mnist():
-    data = MNIST()
-    data.test.images = mark(data.test.images, data.test.labels, 10)  # a class-perfect image tower
+    data = marked_mnist()  # a class-perfect image tower
     ctx = EvalContext(PixelIdImage(10), NumberText(10), data, torch.device("cpu"), batch_size=500)
     metrics = Retrieval().evaluate(ctx)
     # each test image ties with the 100 captions of its class (and each caption with 100 images): R@K = K%

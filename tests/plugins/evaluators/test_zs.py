@@ -5,11 +5,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
+from probe_data import mark, marked_mnist
 from torch import nn
 
 from orchestrator.data import LabelledSplit
 from orchestrator.engine.evaluation import EvalContext
-from plugins.datasets.mnist import MNIST
 from plugins.evaluators.zs import ZeroShot, zero_shot_classifier
 
 CLASSES = 10
@@ -51,18 +51,9 @@ class DigitText(nn.Module):
         return out
 
 
-def mark(images: torch.Tensor, ids) -> torch.Tensor:
-    images = images.clone()
-    images[:, 0, 0, 0] = torch.as_tensor(ids, dtype=torch.float32) / 9
-    return images
-
-
 @pytest.fixture(scope="module")
 def mnist():
-    data = MNIST()
-    data.train.images = mark(data.train.images, data.train.labels)
-    data.test.images = mark(data.test.images, data.test.labels)
-    return data
+    return marked_mnist()
 
 
 def context(dataset, text=None, image=None) -> EvalContext:
@@ -84,7 +75,7 @@ def test_permuted_text_tower_scores_0(mnist):
 def test_shuffled_labels_score_chance(mnist):
     generator = torch.Generator().manual_seed(0)
     shuffled = torch.tensor(mnist.test.labels)[torch.randperm(len(mnist.test), generator=generator)]
-    test = LabelledSplit(mark(mnist.test.images, shuffled), mnist.test.labels, mnist.test.captions)
+    test = LabelledSplit(mark(mnist.test.images, shuffled, 10), mnist.test.labels, mnist.test.captions)
     data = SimpleNamespace(test=test, class_names=mnist.class_names, templates=mnist.templates)
     metrics = ZeroShot().evaluate(context(data))
     agree = (shuffled == torch.tensor(mnist.test.labels)).sum().item()
