@@ -60,7 +60,7 @@ class Steps:
 
         from orchestrator.engine.compose import build
         from orchestrator.engine.dsconfig import effective_precision, warmup_cosine
-        from orchestrator.engine.train import _collate, make_engine
+        from orchestrator.engine.train import _add_to_interval, _collate, make_engine
 
         trainer = spec["trainer"]
         self.device, self.trainer = device, trainer
@@ -77,6 +77,7 @@ class Steps:
         self.orch_model = comp.model
         self.engine, _ = make_engine(self.orch_model, trainer, device, self.precision, world=1)
         self.interval: dict[str, Any] = {}
+        self.add_to_interval = _add_to_interval
 
         # hand: the same components, built again from the same seed
         self.hand_model = build(registry, spec).model.to(device)
@@ -95,8 +96,7 @@ class Steps:
         self.engine.backward(out["loss"])
         phase("backward")
         self.engine.step()
-        for key, value in out.items():
-            self.interval[key] = self.interval.get(key, 0) + value.detach().float() / self.trainer["accum"]
+        self.add_to_interval(self.interval, out, self.trainer["accum"])
         if hasattr(self.orch_model.loss, "after_step"):
             self.orch_model.loss.after_step()
         phase("optimizer step (incl. clip, schedule, after_step)")

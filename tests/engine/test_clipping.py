@@ -1,6 +1,7 @@
-"""Gradient clipping: at ZeRO-0 orch clips with torch's multi-tensor ``clip_grad_norm_`` inside ``engine.step()``
-(DeepSpeed's own clip is a per-parameter Python loop that waits for the GPU); ZeRO 1-3 keep DeepSpeed's. Both must
-give the same training."""
+"""The parts of DeepSpeed's ZeRO-0 step that orch does itself. Gradient clipping: orch clips with torch's
+multi-tensor ``clip_grad_norm_`` inside ``engine.step()`` (DeepSpeed's own clip is a per-parameter Python loop that
+waits for the GPU); ZeRO 1-3 keep DeepSpeed's. Both must give the same training. Clearing the gradients: the
+optimizer's ``zero_grad`` at the accumulation boundary, not a walk of every module's parameters."""
 
 from __future__ import annotations
 
@@ -59,3 +60,22 @@ def test_orch_clip_at_zero_0_trains_as_deepspeeds_clip_at_zero_1(one_rank: None,
     assert seen == pytest.approx([0.01] * 3, rel=1e-4)
     for a, b in zip(clipped_by_orch, clipped_by_deepspeed):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_zero_0_clears_the_gradients_at_the_accumulation_boundary_only(one_rank: None) -> None:
+    from orchestrator.engine.train import make_engine
+
+    model = RunModel(VisionTransformer(image_size=16, patch_size=8, width=32, depth=1, heads=2, embed_dim=16),
+                     TextTransformer(width=32, depth=1, heads=2, context_length=12, embed_dim=16), InfoNCE(),
+                     {"image", "text"})
+    trainer = resolve_trainer({"batch_size": "16", "accum": "2", "steps": "10", "warmup": "0"})
+    engine, _ = make_engine(model, trainer, torch.device("cpu"), "fp32", world=1)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    batch = {"image": torch.randn(8, 3, 16, 16), "text": torch.randint(0, 256, (8, 12))}
+    engine.backward(engine(batch)["loss"])
+    engine.step()  # the first micro-batch: its gradients wait for the second
+    first = [p.grad.clone() for p in trainable]
+    engine.backward(engine(batch)["loss"])
+    assert all(torch.allclose(p.grad, 2 * g) for p, g in zip(trainable, first))  # accumulated, not replaced
+    engine.step()
+    assert all(p.grad is None for p in trainable)
