@@ -32,6 +32,9 @@ def deepspeed_config(trainer: dict[str, Any], world_size: int, precision: str) -
         "zero_optimization": {"stage": trainer["zero"]},
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
+        # DeepSpeed's throughput timer is on by default and synchronizes the device at every forward and every
+        # step, so the host cannot queue the next step's kernels while the GPU runs; orch times its own steps
+        "timers": {"throughput": {"enabled": False}},
     }
     if precision == "bf16":
         # Autocast with fp32 weights, as an AMP loop, not DeepSpeed's bf16 mode: on one H100 the latter ran

@@ -9,14 +9,31 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+import torch
 
+from orchestrator.engine.compose import RunModel
 from orchestrator.store import Store
+from plugins.encoders.text_transformer import TextTransformer
+from plugins.encoders.vit import VisionTransformer
+from plugins.losses.infonce import InfoNCE
 from tests.conftest import orch
 
 # A small CLIP run: 6 steps of 64, every loss logged, checkpoints at steps 3 and 6, zero-shot on the test split.
 SMALL = ["--encoder", "vit:depth=1,width=64,embed_dim=64", "--text-encoder",
          "text-transformer:depth=1,width=64,embed_dim=64", "--batch-size", "64", "--steps", "6", "--log-every", "1",
          "--checkpoint-every", "3", "--eval", "zs:split=test", "--quiet"]
+
+
+def tiny_clip() -> RunModel:
+    """A CLIP small enough to build a DeepSpeed engine around in-process in a second; ``tiny_batch`` feeds it."""
+    return RunModel(VisionTransformer(image_size=16, patch_size=8, width=32, depth=1, heads=2, embed_dim=16),
+                    TextTransformer(width=32, depth=1, heads=2, context_length=12, embed_dim=16), InfoNCE(),
+                    {"image", "text"})
+
+
+def tiny_batch(size: int = 8, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+    return {"image": torch.randn(size, 3, 16, 16, generator=generator),
+            "text": torch.randint(0, 256, (size, 12), generator=generator)}
 
 
 @pytest.fixture(scope="session")

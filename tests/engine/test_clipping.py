@@ -8,12 +8,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from orchestrator.engine.compose import RunModel
 from orchestrator.engine.dsconfig import clips_outside_deepspeed, deepspeed_config
 from orchestrator.spec import resolve_trainer
-from plugins.encoders.text_transformer import TextTransformer
-from plugins.encoders.vit import VisionTransformer
-from plugins.losses.infonce import InfoNCE
+from tests.engine.conftest import tiny_batch, tiny_clip
 
 
 def test_only_zero_0_without_loss_scaling_clips_outside_deepspeed() -> None:
@@ -31,9 +28,7 @@ def _train(zero: int, accum: int, steps: int = 3) -> tuple[list[float], list[tor
     from orchestrator.engine.train import make_engine
 
     torch.manual_seed(0)
-    model = RunModel(VisionTransformer(image_size=16, patch_size=8, width=32, depth=1, heads=2, embed_dim=16),
-                     TextTransformer(width=32, depth=1, heads=2, context_length=12, embed_dim=16), InfoNCE(),
-                     {"image", "text"})
+    model = tiny_clip()
     trainer = resolve_trainer({"batch_size": str(8 * accum), "accum": str(accum), "zero": str(zero),
                                "grad_clip": "0.01", "steps": "10", "warmup": "0", "lr": "0.01"})
     engine, _ = make_engine(model, trainer, torch.device("cpu"), "fp32", world=1)
@@ -45,8 +40,7 @@ def _train(zero: int, accum: int, steps: int = 3) -> tuple[list[float], list[tor
                                    .item()))
     generator = torch.Generator().manual_seed(1)
     for _ in range(steps * accum):
-        batch = {"image": torch.randn(8, 3, 16, 16, generator=generator),
-                 "text": torch.randint(0, 256, (8, 12), generator=generator)}
+        batch = tiny_batch(generator=generator)
         engine.backward(engine(batch)["loss"])
         engine.step()
     return seen, [p.detach().clone() for p in model.parameters()]
@@ -65,13 +59,11 @@ def test_orch_clip_at_zero_0_trains_as_deepspeeds_clip_at_zero_1(one_rank: None,
 def test_zero_0_clears_the_gradients_at_the_accumulation_boundary_only(one_rank: None) -> None:
     from orchestrator.engine.train import make_engine
 
-    model = RunModel(VisionTransformer(image_size=16, patch_size=8, width=32, depth=1, heads=2, embed_dim=16),
-                     TextTransformer(width=32, depth=1, heads=2, context_length=12, embed_dim=16), InfoNCE(),
-                     {"image", "text"})
+    model = tiny_clip()
     trainer = resolve_trainer({"batch_size": "16", "accum": "2", "steps": "10", "warmup": "0"})
     engine, _ = make_engine(model, trainer, torch.device("cpu"), "fp32", world=1)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    batch = {"image": torch.randn(8, 3, 16, 16), "text": torch.randint(0, 256, (8, 12))}
+    batch = tiny_batch()
     engine.backward(engine(batch)["loss"])
     engine.step()  # the first micro-batch: its gradients wait for the second
     first = [p.grad.clone() for p in trainable]

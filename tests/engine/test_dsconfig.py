@@ -1,7 +1,11 @@
 """The synthesised DeepSpeed config follows the trainer options."""
 
+import pytest
+import torch
+
 from orchestrator.engine.dsconfig import deepspeed_config, effective_precision, warmup_cosine
 from orchestrator.spec import resolve_trainer
+from tests.engine.conftest import tiny_batch, tiny_clip
 
 
 def test_batch_is_split_over_ranks_and_accumulation() -> None:
@@ -33,3 +37,23 @@ def test_auto_precision_is_bf16_only_on_a_capable_gpu() -> None:
     assert effective_precision("auto", "cuda", True) == "bf16"
     assert effective_precision("auto", "cuda", False) == "fp32"
     assert effective_precision("fp16", "cuda", True) == "fp16"
+
+
+def test_training_steps_never_wait_for_the_device(one_rank: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """DeepSpeed's throughput timer (on by default) synchronizes the device at every forward and step: the host
+    then cannot queue the next kernels while the GPU works. orch turns it off and times its own steps."""
+    from deepspeed.accelerator import get_accelerator
+
+    from orchestrator.engine.train import make_engine
+
+    model = tiny_clip()
+    engine, _ = make_engine(model, resolve_trainer({"batch_size": "8", "steps": "10", "warmup": "0"}),
+                            torch.device("cpu"), "fp32", world=1)
+    accelerator, waits = get_accelerator(), []
+    synchronize = accelerator.synchronize
+    monkeypatch.setattr(accelerator, "synchronize", lambda *args: waits.append(args) or synchronize(*args))
+    batch = tiny_batch()
+    for _ in range(5):  # DeepSpeed's timer starts synchronizing at its third step
+        engine.backward(engine(batch)["loss"])
+        engine.step()
+    assert waits == []

@@ -8,14 +8,11 @@ import math
 import pytest
 import torch
 
-from orchestrator.engine.compose import RunModel
 from orchestrator.engine.dsconfig import weight_decay_at
 from orchestrator.spec import resolve_trainer
 from orchestrator.store import Store
-from plugins.encoders.text_transformer import TextTransformer
-from plugins.encoders.vit import VisionTransformer
-from plugins.losses.infonce import InfoNCE
 from tests.conftest import orch
+from tests.engine.conftest import tiny_batch, tiny_clip
 
 
 def test_the_schedule_runs_from_weight_decay_to_weight_decay_end() -> None:
@@ -37,9 +34,7 @@ def test_each_step_decays_the_matrices_by_lr_times_the_scheduled_decay(one_rank:
     from orchestrator.engine.train import make_engine
 
     torch.manual_seed(0)
-    model = RunModel(VisionTransformer(image_size=16, patch_size=8, width=32, depth=1, heads=2, embed_dim=16),
-                     TextTransformer(width=32, depth=1, heads=2, context_length=12, embed_dim=16), InfoNCE(),
-                     {"image", "text"})
+    model = tiny_clip()
     steps = 4
     trainer = resolve_trainer({"batch_size": "8", "zero": str(zero), "steps": str(steps), "warmup": "0",
                                "lr": "0.1", "weight_decay": "0.04", "weight_decay_end": "0.4"})
@@ -52,7 +47,7 @@ def test_each_step_decays_the_matrices_by_lr_times_the_scheduled_decay(one_rank:
         with deepspeed.zero.GatheredParameters([matrix, bias], enabled=zero == 3):
             return matrix.detach().clone(), bias.detach().clone()
 
-    batch = {"image": torch.randn(8, 3, 16, 16), "text": torch.randint(0, 256, (8, 12))}
+    batch = tiny_batch()
     for k in range(steps):
         before_matrix, before_bias = values()
         engine.backward(engine(batch)["loss"] * 0)
