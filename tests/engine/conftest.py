@@ -1,6 +1,7 @@
 """Uninterrupted reference runs shared by the engine tests: test_zero2_equivalence compares ZeRO-2 on 2 processes
 with 1 process, and test_resume_world_size compares a run resumed on N processes with the uninterrupted run on N;
-the ZeRO-2 runs on 1 and 2 processes serve both, so each is trained once per session."""
+the ZeRO-2 runs on 1 and 2 processes serve both, so each is trained once per session. ``tiny_clip`` and
+``tiny_batch`` are for the tests that build the engine in-process."""
 
 from __future__ import annotations
 
