@@ -20,7 +20,7 @@ fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
 case "${1:-}" in
     tests)
-        python3 -m pytest -q -p no:cacheprovider -rA tests/engine/test_gpu.py 2>&1 | tee "$out/test_gpu.log" || true
+        python3 -m pytest -q -p no:cacheprovider -rA tests/engine/test_gpu.py 2>&1 | tee "$out/test_gpu.log"
         python3 bench/overhead.py --devices cuda --rounds 10 --json "$out/overhead.json" 2>&1 | tee "$out/overhead.md"
         ;;
     clip)
