@@ -15,47 +15,49 @@ temperature 0.1; docs/methods.md). Every transform here is a picklable object, f
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torchvision.transforms import v2
 
 
 class ResizedCrop:
-    """A random resized crop (area ``scale``, aspect ``ratio``) resized to ``fraction`` of the input side.
-
-    The torchvision transform is built once per input size and kept: building it took a quarter of a view's
-    time on 28-pixel digits, and it draws no random numbers, so the crops are the same."""
+    """A random resized crop (area ``scale``, aspect ``ratio``) resized to ``fraction`` of the input side."""
 
     def __init__(self, scale: tuple[float, float], fraction: float = 1.0,
                  ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> None:
         self.scale, self.fraction, self.ratio = tuple(scale), fraction, tuple(ratio)
-        self._by_size: dict[tuple[int, int], v2.RandomResizedCrop] = {}
 
     def __call__(self, image: torch.Tensor) -> torch.Tensor:
         h, w = image.shape[-2:]
-        if (h, w) not in self._by_size:
-            size = (max(1, round(h * self.fraction)), max(1, round(w * self.fraction)))
-            self._by_size[h, w] = v2.RandomResizedCrop(size, scale=self.scale, ratio=self.ratio, antialias=True)
-        return self._by_size[h, w](image)
+        size = (max(1, round(h * self.fraction)), max(1, round(w * self.fraction)))
+        return _random_resized_crop(size, self.scale, self.ratio)(image)
 
     def __repr__(self) -> str:
         return f"ResizedCrop(scale={self.scale}, fraction={self.fraction})"
 
 
 class Blur:
-    """Gaussian blur with a kernel of 10% of the image side (odd, at least 3) and sigma in [0.1, 2.0]; the
-    transform is kept per kernel size, as ``ResizedCrop`` keeps its crops."""
-
-    def __init__(self) -> None:
-        self._by_kernel: dict[int, v2.GaussianBlur] = {}
+    """Gaussian blur with a kernel of 10% of the image side (odd, at least 3) and sigma in [0.1, 2.0]."""
 
     def __call__(self, image: torch.Tensor) -> torch.Tensor:
-        kernel = max(3, int(0.1 * min(image.shape[-2:])) // 2 * 2 + 1)
-        if kernel not in self._by_kernel:
-            self._by_kernel[kernel] = v2.GaussianBlur(kernel, sigma=(0.1, 2.0))
-        return self._by_kernel[kernel](image)
+        return _gaussian_blur(max(3, int(0.1 * min(image.shape[-2:])) // 2 * 2 + 1))(image)
 
     def __repr__(self) -> str:
         return "Blur()"
+
+
+# torchvision transforms built once per setting: building one took a quarter of a view's time on 28-pixel digits.
+# They draw their random parameters when called, not when built, so a kept one gives the same views.
+@functools.cache
+def _random_resized_crop(size: tuple[int, int], scale: tuple[float, float],
+                         ratio: tuple[float, float]) -> v2.RandomResizedCrop:
+    return v2.RandomResizedCrop(size, scale=scale, ratio=ratio, antialias=True)
+
+
+@functools.cache
+def _gaussian_blur(kernel: int) -> v2.GaussianBlur:
+    return v2.GaussianBlur(kernel, sigma=(0.1, 2.0))
 
 
 class Grayscale:
