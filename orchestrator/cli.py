@@ -224,7 +224,7 @@ def ls(ctx: click.Context, statuses: tuple[str, ...], limit: int, as_json: bool)
 @click.pass_context
 def show(ctx: click.Context, run_id: int, as_json: bool) -> None:
     """Show a run: its resolved spec, attempts, checkpoints and final metrics."""
-    from orchestrator.options import masked
+    from orchestrator.options import mapping_text, masked
 
     store = _store(ctx)
     run = store.run(run_id)
@@ -249,7 +249,8 @@ def show(ctx: click.Context, run_id: int, as_json: bool) -> None:
     for entry in spec["eval"]:
         opts = ", ".join(f"{k}={v}" for k, v in entry["options"].items())
         click.echo(f"  {'eval':<12} {entry['name']} ({opts})")
-    click.echo("  trainer      " + ", ".join(f"{k}={v}" for k, v in spec["trainer"].items()))
+    click.echo("  trainer      " + ", ".join(f"{k}={mapping_text(v) if isinstance(v, dict) else v}"
+                                          for k, v in spec["trainer"].items()))
     for a in attempts:
         click.echo(f"  attempt {a['number']}: {a['outcome']} on {a['worker']} from {_fmt_time(a['started_at'])}"
                    + (f": {a['error']}" if a["error"] else ""))
@@ -410,11 +411,20 @@ def _plot_curves(runs: list[dict[str, Any]], series: dict[int, list[dict[str, An
         raise UserError(f"--plot: cannot write {path} ({exc.strerror or exc}): choose a writable path") from None
 
 
+def _dotted(prefix: str, mapping: dict[str, Any]) -> dict[str, Any]:
+    """``trainer.deepspeed.zero_optimization.overlap_comm``: one row of ``orch compare`` per leaf."""
+    out: dict[str, Any] = {}
+    for key, value in mapping.items():
+        out.update(_dotted(f"{prefix}.{key}", value) if isinstance(value, dict) and value else
+                   {f"{prefix}.{key}": value})
+    return out
+
+
 def _flatten(spec: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for slot, entry in spec.items():
         if slot == "trainer":
-            out.update({f"trainer.{k}": v for k, v in entry.items()})
+            out.update(_dotted("trainer", entry))
         elif slot == "eval":
             out["eval"] = [e["name"] for e in entry]
         elif entry:

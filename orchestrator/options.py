@@ -6,6 +6,7 @@ Light on purpose (no pluggy, no entry points): ``orch ls``, ``show`` and ``--hel
 from __future__ import annotations
 
 import inspect
+import json
 import re
 import types
 import typing
@@ -35,11 +36,19 @@ def type_name(tp: Any) -> str:
         return "|".join(str(a) for a in typing.get_args(tp))
     if tp is _MISSING:
         return "any"
+    if typing.get_origin(tp) is dict:
+        return "key.path=value,..."
     if typing.get_origin(tp) in (typing.Union, types.UnionType):  # "int | all", "str | None"
         return " | ".join("None" if a is type(None) else type_name(a) for a in typing.get_args(tp))
     if isinstance(tp, type):
         return tp.__name__
     return str(tp).replace("typing.", "").replace("pathlib.", "")
+
+
+def mapping_text(mapping: dict[str, Any], prefix: str = "") -> str:
+    """A mapping option's value as it is written on the command line, ``key.path=value,...`` (values in JSON)."""
+    return ",".join(mapping_text(value, f"{prefix}{key}.") if isinstance(value, dict) and value else
+                    f"{prefix}{key}={json.dumps(value, separators=(',', ':'))}" for key, value in mapping.items())
 
 
 # --- secrets ------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from types import NoneType, UnionType
 from typing import Any, Literal
 
 from orchestrator.errors import UserError
-from orchestrator.options import is_secret
+from orchestrator.options import is_secret, mapping_text
 from orchestrator.registry import Component, Option, Registry
 from orchestrator.trainer import TRAINER_OPTIONS
 
@@ -85,12 +85,12 @@ def parse_choice(text: str) -> tuple[str, dict[str, str]]:
 
 
 def _split_top_level(text: str) -> list[str]:
-    """Split on commas that are not inside brackets, so ``dims=[512,256]`` stays one item."""
+    """Split on commas that are not inside brackets, so ``dims=[512,256]`` and ``a={"b":1,"c":2}`` stay one item."""
     items, depth, start = [], 0, 0
     for i, ch in enumerate(text):
-        if ch in "([":
+        if ch in "([{":
             depth += 1
-        elif ch in ")]":
+        elif ch in ")]}":
             depth -= 1
         elif ch == "," and depth == 0:
             items.append(text[start:i])
@@ -127,6 +127,8 @@ def _parse(tp: Any, raw: str) -> Any:
             except ValueError as exc:
                 errors.append(str(exc))
         raise ValueError("; ".join(errors))
+    if origin is dict:
+        return _parse_mapping(raw)
     if origin in (tuple, list):
         inner = raw[1:-1] if raw[:1] in "([" and raw[-1:] in ")]" else raw
         parts = [p.strip() for p in _split_top_level(inner)]
@@ -157,11 +159,47 @@ def _parse(tp: Any, raw: str) -> Any:
     raise ValueError(f"orch cannot parse options of type {tp}")
 
 
+def _parse_mapping(raw: str) -> dict[str, Any]:
+    """``"a.b=1,a.c=true,d=cpu"`` -> ``{"a": {"b": 1, "c": True}, "d": "cpu"}``: dotted keys nest, and a value is
+    JSON where it parses as JSON (numbers, true, null, [...], {...}), else the text itself."""
+    if len(raw) > MAX_CHOICE_LENGTH:
+        raise ValueError(f"{len(raw)} characters long; the limit is {MAX_CHOICE_LENGTH}")
+    out: dict[str, Any] = {}
+    for item in _split_top_level(raw):
+        key, eq, value = (part.strip() for part in item.partition("="))
+        path = key.split(".")
+        if not eq or not value or not all(path):
+            raise ValueError(f"{item.strip()!r} is not key.path=value")
+        try:
+            value = json.loads(value, parse_constant=_refuse_constant)
+        except (json.JSONDecodeError, RecursionError):
+            pass  # text: cpu, nvme
+        try:
+            json.dumps(value, allow_nan=False)
+        except ValueError:
+            raise ValueError(f"{key} is not a finite number") from None  # 1e400 parses as inf
+        node = out
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"{part} is given a value and keys")
+        if path[-1] in node:
+            raise ValueError(f"{key} is given twice")
+        node[path[-1]] = value
+    return out
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a finite number")  # JSON's NaN and Infinity
+
+
 def _expected(tp: Any) -> str:
     if typing.get_origin(tp) is Literal:
         return "one of " + ", ".join(map(str, typing.get_args(tp)))
     if typing.get_origin(tp) in (typing.Union, UnionType):
         return " or ".join(_expected(a) for a in typing.get_args(tp) if a is not NoneType)
+    if typing.get_origin(tp) is dict:
+        return "key.path=value pairs"
     names = {bool: "true or false", int: "an integer", float: "a number", Path: "a path", str: "a string"}
     return names.get(tp, f"a {getattr(tp, '__name__', str(tp))}")
 
@@ -231,6 +269,10 @@ def resolve_trainer(raw: dict[str, str]) -> dict[str, Any]:
     if values["batch_size"] % per_step:
         raise UserError(f"--batch-size {values['batch_size']} is not divisible by --gpus x --accum = {per_step}: "
                         f"choose a multiple of {per_step}")
+    if values["deepspeed"]:
+        from orchestrator.engine.dsconfig import check_overrides
+
+        check_overrides(values)
     return values
 
 
@@ -333,7 +375,7 @@ def run_name(spec: dict[str, Any], registry: Registry) -> str:
                 changed.append(f"{key}={Path(value).name if isinstance(value, str) and '/' in value else value}")
         parts.append(entry["name"] + (f"({','.join(changed)})" if changed else ""))
     trainer = spec.get("trainer", {})
-    changed = [f"{o.name}={trainer[o.name]}" for o in TRAINER_OPTIONS
+    changed = [f"{o.name}={mapping_text(v) if isinstance(v := trainer[o.name], dict) else v}" for o in TRAINER_OPTIONS
                if o.name in trainer and o.name != "warmup" and trainer[o.name] != o.default]
     return "-".join(parts) + (f" [{','.join(changed)}]" if changed else "")
 

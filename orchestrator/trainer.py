@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import inspect
 import typing
-from typing import Literal
+from typing import Any, Literal
 
 from orchestrator.options import Option
 
@@ -33,6 +33,7 @@ def trainer(
     prefetch: int = 2,
     activation_checkpointing: bool = False,
     compile: bool = False,
+    deepspeed: dict[str, Any] | None = None,
 ) -> None:
     """Trainer settings: every one is a command-line flag (``--batch-size``) with this default.
 
@@ -49,6 +50,8 @@ def trainer(
     ``eval_every=0`` evaluates at the end only; ``checkpoint_every=0`` checkpoints at the end only.
     ``grad_cache`` (samples, 0 = off) encodes each micro-batch in chunks of that many samples and caches the
     embedding gradients (GradCache, Gao et al. 2021): the same step with the activation memory of one chunk.
+    ``deepspeed`` sets keys of the DeepSpeed config that orch does not derive from the options above
+    (``zero_optimization.overlap_comm=true,zero_optimization.reduce_bucket_size=5e8``): values are JSON, else text.
     """
 
 

@@ -94,6 +94,12 @@ CASES: list[tuple[str, list[str], str]] = [
     ("ZeRO stage 4", ["queue", "--zero", "4"], "one of 0, 1, 2, 3"),
     ("warmup past the end", ["queue", "--warmup", "600", "--steps", "500"], "--warmup 600 must be smaller"),
     ("steps not a number", ["queue", "--steps", "many"], "is not an integer"),
+    ("DeepSpeed key orch sets", ["queue", "--deepspeed", "zero_optimization.stage=3"], "from --zero"),
+    ("DeepSpeed section misspelt", ["queue", "--deepspeed", "zero_optimisation.overlap_comm=true"],
+     "did you mean zero_optimization?"),
+    ("DeepSpeed key misspelt", ["queue", "--zero", "2", "--deepspeed", "zero_optimization.overlap_com=true"],
+     "overlap_com: Extra inputs are not permitted"),
+    ("DeepSpeed key without value", ["queue", "--deepspeed", "overlap_comm"], "is not key.path=value"),
     # datasets
     ("image folder missing", ["queue", "--data", "imagefolder:root=/no/such/folder"], "/no/such/folder"),
     ("image folder without images", ["queue", "--data", "imagefolder:root={no_images}"], "image"),

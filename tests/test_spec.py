@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from orchestrator.errors import UserError
-from orchestrator.options import is_secret, masked
+from orchestrator.options import is_secret, mapping_text, masked
 from orchestrator.registry import Option, Registry
 from orchestrator.spec import expand_grid, parse_choice, parse_value, resolve_run, spec_hash
 
@@ -39,6 +40,37 @@ def test_parse_choice_refuses_malformed_text(text: str) -> None:
 ])
 def test_values_are_parsed_by_type_hint(tp: object, raw: str, value: object) -> None:
     assert parse_value(Option("x", tp, None), raw, "here") == value
+
+
+def test_a_mapping_option_nests_dotted_keys_and_reads_json_values() -> None:
+    option = Option("x", dict[str, Any], None)
+    raw = 'a.b=5e8,a.c=true,a.d.e=[1,2],f=cpu,g="cpu",h={"i":null,"j":{"k":1}}'
+    value = parse_value(option, raw, "--x")
+    assert value == {"a": {"b": 5e8, "c": True, "d": {"e": [1, 2]}}, "f": "cpu", "g": "cpu",
+                     "h": {"i": None, "j": {"k": 1}}}
+    assert parse_value(option, mapping_text(value), "--x") == value  # the run name's form reads back
+    # one config, one hash: the dotted and the object spelling resolve to the same value
+    assert parse_value(option, 'a.b=1,a.c=2', "--x") == parse_value(option, 'a={"b":1,"c":2}', "--x")
+
+
+@pytest.mark.parametrize("raw, message", [
+    ("overlap_comm", "is not key.path=value"), ("a.=1", "is not key.path=value"), ("a=", "is not key.path=value"),
+    ("a.b=1,a.b=2", "a.b is given twice"), ("a=1,a.b=2", "a is given a value and keys"),
+    ("a=NaN", "NaN is not a finite number"), ("a=1e400", "a is not a finite number"),
+    ("a=" + "[" * 5000, "the limit is"),
+])
+def test_malformed_mappings_are_user_errors(raw: str, message: str) -> None:
+    with pytest.raises(UserError, match=re.escape(message)):
+        parse_value(Option("x", dict[str, Any], None), raw, "--x")
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(max_size=200))
+def test_parsing_any_mapping_text_raises_only_user_errors(text: str) -> None:
+    try:
+        parse_value(Option("x", dict[str, Any], None), text, "--x")
+    except UserError:
+        pass
 
 
 def test_paths_become_absolute(workdir: Path) -> None:

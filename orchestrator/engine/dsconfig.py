@@ -2,9 +2,33 @@
 
 from __future__ import annotations
 
+import difflib
+import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, KeysView
 from typing import Any
+
+from orchestrator.errors import UserError
+from orchestrator.options import mapping_text
+
+# DeepSpeed keys orch derives from its own options, and the option to use instead: an override would contradict the
+# spec (the sampler cuts micro-batches from --batch-size, orch builds the optimizer and the schedule itself).
+SET_BY_ORCH = {
+    "train_batch_size": "--batch-size",
+    "train_micro_batch_size_per_gpu": "--batch-size, --gpus and --accum",
+    "gradient_accumulation_steps": "--accum",
+    "gradient_clipping": "--grad-clip",
+    "zero_optimization.stage": "--zero",
+    "fp16": "--precision",
+    "bf16": "--precision",
+    "bfloat16": "--precision",
+    "torch_autocast": "--precision",
+    "amp": "--precision",
+    "optimizer": "--lr and --weight-decay (orch builds torch's AdamW)",
+    "scheduler": "--warmup and --steps (orch's warmup-cosine schedule)",
+    "compile": "--compile",
+    "checkpoint.load_universal": "orch resume (orch sets it for a checkpoint saved at another world size)",
+}
 
 
 def effective_precision(requested: str, device_type: str, bf16_supported: bool) -> str:
@@ -42,7 +66,89 @@ def deepspeed_config(trainer: dict[str, Any], world_size: int, precision: str) -
         config["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
     elif precision == "fp16":
         config["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16}
-    return config
+    return merged(config, trainer.get("deepspeed") or {})  # specs queued before --deepspeed have no key
+
+
+def merged(config: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """``config`` with ``overrides`` laid over it: sections merge key by key, other values are replaced."""
+    out = dict(config)
+    for key, value in overrides.items():
+        both = isinstance(value, dict) and isinstance(out.get(key), dict)
+        out[key] = merged(out[key], value) if both else value
+    return out
+
+
+def check_overrides(trainer: dict[str, Any]) -> None:
+    """Refuse, in one line, a ``--deepspeed`` key that orch sets itself, a top-level key DeepSpeed never reads (it
+    ignores those silently: a typo would change nothing) and anything DeepSpeed's own config validation refuses."""
+    overrides = trainer["deepspeed"]
+    for path in _leaf_paths(overrides):
+        for end in range(1, len(path) + 1):
+            if flag := SET_BY_ORCH.get(".".join(path[:end])):
+                raise UserError(f"--deepspeed {'.'.join(path)}: orch sets {'.'.join(path[:end])} from {flag}; "
+                                f"use that instead")
+    read: set[str] = set()
+    config = _ReadKeys(deepspeed_config(trainer, world_size=1, precision="fp32"), read)
+
+    def quiet(record: logging.LogRecord) -> bool:  # DeepSpeed's import warns on a CPU machine that it found no GPU
+        return record.levelno >= logging.ERROR
+
+    logging.getLogger("DeepSpeed").addFilter(quiet)
+    try:
+        from deepspeed.runtime.config import DeepSpeedConfig
+        from pydantic import ValidationError
+
+        try:
+            DeepSpeedConfig(config)
+        except ValidationError as exc:
+            where = "; ".join(f"{exc.title} {'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+            raise UserError(f"--deepspeed {mapping_text(overrides)}: DeepSpeed refuses it ({where})") from None
+        except (AssertionError, ValueError, TypeError, KeyError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise UserError(f"--deepspeed {mapping_text(overrides)}: DeepSpeed refuses it ({first})") from None
+    finally:
+        logging.getLogger("DeepSpeed").removeFilter(quiet)
+    for key in overrides:
+        if key not in read:
+            near = difflib.get_close_matches(key, read, n=1, cutoff=0.6)
+            hint = f"did you mean {near[0]}?" if near else "see DeepSpeed's config reference"
+            raise UserError(f"--deepspeed {key}: DeepSpeed reads no such key ({hint})")
+
+
+def _leaf_paths(mapping: dict[str, Any], prefix: tuple[str, ...] = ()) -> Iterator[tuple[str, ...]]:
+    for key, value in mapping.items():
+        if isinstance(value, dict) and value:
+            yield from _leaf_paths(value, (*prefix, key))
+        else:
+            yield (*prefix, key)
+
+
+class _ReadKeys(dict):
+    """A config that records the top-level keys DeepSpeed reads: by ``get``, ``[]``, ``in`` or ``in .keys()``."""
+
+    def __init__(self, config: dict[str, Any], read: set[str]) -> None:
+        super().__init__(config)
+        self.read = read  # shared with the copy DeepSpeed makes (copy.copy keeps the instance's __dict__)
+
+    def get(self, key: Any, default: Any = None) -> Any:
+        self.read.add(key)
+        return super().get(key, default)
+
+    def __getitem__(self, key: Any) -> Any:
+        self.read.add(key)
+        return super().__getitem__(key)
+
+    def __contains__(self, key: Any) -> bool:
+        self.read.add(key)
+        return super().__contains__(key)
+
+    def keys(self) -> KeysView:
+        return _ReadKeysView(self)
+
+
+class _ReadKeysView(KeysView):
+    def __contains__(self, key: Any) -> bool:
+        return key in self._mapping
 
 
 def warmup_cosine(warmup: int, steps: int) -> Callable[[int], float]:

@@ -1,9 +1,12 @@
 """The synthesised DeepSpeed config follows the trainer options."""
 
+import re
+
 import pytest
 import torch
 
 from orchestrator.engine.dsconfig import deepspeed_config, effective_precision, warmup_cosine
+from orchestrator.errors import UserError
 from orchestrator.spec import resolve_trainer
 from tests.engine.conftest import tiny_batch, tiny_clip
 
@@ -57,3 +60,44 @@ def test_training_steps_never_wait_for_the_device(one_rank: None, monkeypatch: p
         engine.backward(engine(batch)["loss"])
         engine.step()
     assert waits == []
+
+
+def test_deepspeed_overrides_lay_over_the_synthesised_config() -> None:
+    trainer = resolve_trainer({"zero": "2", "deepspeed": "zero_optimization.overlap_comm=true,"
+                               "zero_optimization.reduce_bucket_size=5e7,wall_clock_breakdown=true"})
+    config = deepspeed_config(trainer, world_size=1, precision="bf16")
+    assert config["zero_optimization"] == {"stage": 2, "overlap_comm": True, "reduce_bucket_size": 5e7}
+    assert config["wall_clock_breakdown"] is True  # orch's False replaced
+    assert config["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"}  # the rest as synthesised
+    assert deepspeed_config(resolve_trainer({"zero": "2"}), 1, "bf16")["zero_optimization"] == {"stage": 2}
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ("zero_optimization.stage=3", "orch sets zero_optimization.stage from --zero"),
+    ('zero_optimization={"stage":3}', "orch sets zero_optimization.stage from --zero"),
+    ("train_micro_batch_size_per_gpu=4", "from --batch-size, --gpus and --accum"),
+    ("bf16.enabled=true", "orch sets bf16 from --precision"),
+    ("optimizer.type=Lamb", "orch sets optimizer from --lr and --weight-decay"),
+    ("zero_optimisation.overlap_comm=true", "DeepSpeed reads no such key (did you mean zero_optimization?)"),
+    ("no_such_section.x=1", "--deepspeed no_such_section: DeepSpeed reads no such key"),
+    ("zero_optimization.overlap_com=true", "DeepSpeedZeroConfig overlap_com: Extra inputs are not permitted"),
+    ("zero_optimization.reduce_bucket_size=lots", "DeepSpeedZeroConfig reduce_bucket_size: Input should be"),
+])
+def test_overrides_that_orch_sets_or_deepspeed_would_not_read_are_refused(overrides: str, message: str) -> None:
+    with pytest.raises(UserError, match=re.escape(message)):
+        resolve_trainer({"zero": "2", "deepspeed": overrides})
+
+
+def test_the_engine_trains_with_the_overrides(one_rank: None) -> None:
+    """Through the engine every run trains with: DeepSpeed's ZeRO-2 optimizer reads the overridden keys."""
+    from orchestrator.engine.train import make_engine
+
+    trainer = resolve_trainer({"batch_size": "8", "steps": "10", "warmup": "0", "zero": "2", "deepspeed":
+                               "zero_optimization.overlap_comm=true,zero_optimization.reduce_bucket_size=4096"})
+    engine, _ = make_engine(tiny_clip(), trainer, torch.device("cpu"), "fp32", world=1)
+    assert engine.zero_overlap_comm() is True and engine.zero_reduce_bucket_size() == 4096
+    assert engine.optimizer.overlap_comm is True and engine.optimizer.reduce_bucket_size == 4096
+    before = [p.detach().clone() for p in engine.module.parameters()]
+    engine.backward(engine(tiny_batch())["loss"])
+    engine.step()
+    assert any(not torch.equal(a, p) for a, p in zip(before, engine.module.parameters()))
