@@ -80,7 +80,8 @@ def merged(config: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
 
 def check_overrides(trainer: dict[str, Any]) -> None:
     """Refuse, in one line, a ``--deepspeed`` key that orch sets itself, a top-level key DeepSpeed never reads (it
-    ignores those silently: a typo would change nothing) and anything DeepSpeed's own config validation refuses."""
+    ignores those silently: a typo would change nothing), anything DeepSpeed's own config validation refuses, and
+    an optimizer offload that DeepSpeed would refuse when the engine starts (it wants its own CPU Adam)."""
     overrides = trainer["deepspeed"]
     for path in _leaf_paths(overrides):
         for end in range(1, len(path) + 1):
@@ -99,7 +100,7 @@ def check_overrides(trainer: dict[str, Any]) -> None:
         from pydantic import ValidationError
 
         try:
-            DeepSpeedConfig(config)
+            parsed = DeepSpeedConfig(config)
         except ValidationError as exc:
             where = "; ".join(f"{exc.title} {'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
             raise UserError(f"--deepspeed {mapping_text(overrides)}: DeepSpeed refuses it ({where})") from None
@@ -113,6 +114,16 @@ def check_overrides(trainer: dict[str, Any]) -> None:
             near = difflib.get_close_matches(key, read, n=1, cutoff=0.6)
             hint = f"did you mean {near[0]}?" if near else "see DeepSpeed's config reference"
             raise UserError(f"--deepspeed {key}: DeepSpeed reads no such key ({hint})")
+    offload = parsed.zero_config.offload_optimizer
+    if offload is None or offload.device == "none":
+        return
+    if not parsed.zero_enabled:
+        raise UserError(f"--deepspeed zero_optimization.offload_optimizer.device={offload.device}: DeepSpeed offloads "
+                        f"the optimizer at --zero 1, 2 or 3 only (at 0 it ignores the key): raise --zero")
+    if parsed.zero_force_ds_cpu_optimizer:
+        raise UserError(f"--deepspeed zero_optimization.offload_optimizer.device={offload.device}: DeepSpeed steps "
+                        f"orch's optimizer (torch's AdamW) off the GPU only with zero_force_ds_cpu_optimizer=false "
+                        f"as well: add it")
 
 
 def _leaf_paths(mapping: dict[str, Any], prefix: tuple[str, ...] = ()) -> Iterator[tuple[str, ...]]:

@@ -72,6 +72,14 @@ def test_deepspeed_overrides_lay_over_the_synthesised_config() -> None:
     assert deepspeed_config(resolve_trainer({"zero": "2"}), 1, "bf16")["zero_optimization"] == {"stage": 2}
 
 
+def test_an_optimizer_offload_at_zero_0_is_refused() -> None:
+    with pytest.raises(UserError, match="at --zero 1, 2 or 3 only"):
+        resolve_trainer({"zero": "0", "deepspeed": "zero_optimization.offload_optimizer.device=cpu,"
+                                                   "zero_force_ds_cpu_optimizer=false"})
+    assert resolve_trainer({"zero": "1", "deepspeed": "zero_optimization.offload_optimizer.device=cpu,"
+                                                      "zero_force_ds_cpu_optimizer=false"})["deepspeed"]
+
+
 @pytest.mark.parametrize("overrides, message", [
     ("zero_optimization.stage=3", "orch sets zero_optimization.stage from --zero"),
     ('zero_optimization={"stage":3}', "orch sets zero_optimization.stage from --zero"),
@@ -82,6 +90,7 @@ def test_deepspeed_overrides_lay_over_the_synthesised_config() -> None:
     ("no_such_section.x=1", "--deepspeed no_such_section: DeepSpeed reads no such key"),
     ("zero_optimization.overlap_com=true", "DeepSpeedZeroConfig overlap_com: Extra inputs are not permitted"),
     ("zero_optimization.reduce_bucket_size=lots", "DeepSpeedZeroConfig reduce_bucket_size: Input should be"),
+    ("zero_optimization.offload_optimizer.device=cpu", "only with zero_force_ds_cpu_optimizer=false as well"),
 ])
 def test_overrides_that_orch_sets_or_deepspeed_would_not_read_are_refused(overrides: str, message: str) -> None:
     with pytest.raises(UserError, match=re.escape(message)):
