@@ -100,7 +100,7 @@ class Orch:
     """orch's training step, as orchestrator/engine/train.py runs it."""
 
     def __init__(self, s: dict[str, int], batch: int, precision: str, steps: int, device: Any, data: dict[str, Any],
-                 compile_: bool) -> None:
+                 flags: dict[str, str]) -> None:
         import torch
 
         from orchestrator.engine.compose import RunModel, build_component
@@ -117,8 +117,7 @@ class Orch:
                             f"context_length={s['context_length']},embed_dim={s['embed_dim']},pool=eot",
             "loss": "infonce",
         }
-        trainer_raw = {"batch_size": str(batch), "precision": precision, "steps": str(max(steps, 10)),
-                       "compile": str(compile_).lower()}
+        trainer_raw = {"batch_size": str(batch), "precision": precision, "steps": str(max(steps, 10)), **flags}
         self.spec = resolve_run(registry, choices, trainer_raw)
         self.trainer = self.spec["trainer"]
         # compose.build without the dataset, sampler and evaluators (the batches here are synthetic)
@@ -228,10 +227,15 @@ def forward_gflops(forward: Callable[[], None], batch: int) -> float:
     return counter.get_total_flops() / batch / 1e9
 
 
-VARIANTS = {"orch": ("orch", False), "orch-compile": ("orch", True), "open_clip": ("open_clip", False),
-            "open_clip-compile": ("open_clip", True)}
-LABELS = {"orch": "orch", "orch-compile": "orch --compile", "open_clip": "open_clip (default loop)",
-          "open_clip-compile": "open_clip --torchcompile"}
+# orch's variants: trainer flags of the run; open_clip's: whether it compiles. orch-zero2-overlap is what ZeRO-2 with
+# DeepSpeed's overlapped bucket reduction (the multi-GPU alternative to ZeRO-0's reduction after the backward pass)
+# costs on one GPU.
+VARIANTS = {"orch": ("orch", {}), "orch-compile": ("orch", {"compile": "true"}),
+            "orch-zero2-overlap": ("orch", {"zero": "2", "deepspeed": "zero_optimization.overlap_comm=true"}),
+            "open_clip": ("open_clip", False), "open_clip-compile": ("open_clip", True)}
+LABELS = {"orch": "orch", "orch-compile": "orch --compile",
+          "orch-zero2-overlap": "orch --zero 2 --deepspeed zero_optimization.overlap_comm=true",
+          "open_clip": "open_clip (default loop)", "open_clip-compile": "open_clip --torchcompile"}
 BASELINE = "open_clip"
 
 
@@ -250,11 +254,11 @@ def measure(name: str, args: argparse.Namespace, device: Any) -> dict[str, Any]:
 
     variants: dict[str, Any] = {}
     for key in args.variants:
-        kind, compile_ = VARIANTS[key]
+        kind, options = VARIANTS[key]
         if kind == "orch":
-            variants[key] = Orch(s, args.batch_size, args.precision, total_steps, device, data, compile_)
+            variants[key] = Orch(s, args.batch_size, args.precision, total_steps, device, data, options)
         else:
-            variants[key] = OpenClip(name, s, args.tiny, args.precision, total_steps, 1e-3, device, data, compile_)
+            variants[key] = OpenClip(name, s, args.tiny, args.precision, total_steps, 1e-3, device, data, options)
     flops = {k: forward_gflops(v.forward, args.batch_size) for k, v in variants.items()}
     memory: dict[str, float] = {}
     for key, variant in variants.items():  # warmup also compiles; memory: what its steps add to what is held
