@@ -411,20 +411,13 @@ def _plot_curves(runs: list[dict[str, Any]], series: dict[int, list[dict[str, An
         raise UserError(f"--plot: cannot write {path} ({exc.strerror or exc}): choose a writable path") from None
 
 
-def _dotted(prefix: str, mapping: dict[str, Any]) -> dict[str, Any]:
-    """``trainer.deepspeed.zero_optimization.overlap_comm``: one row of ``orch compare`` per leaf."""
-    out: dict[str, Any] = {}
-    for key, value in mapping.items():
-        out.update(_dotted(f"{prefix}.{key}", value) if isinstance(value, dict) and value else
-                   {f"{prefix}.{key}": value})
-    return out
-
-
 def _flatten(spec: dict[str, Any]) -> dict[str, Any]:
+    from orchestrator.options import leaves
+
     out: dict[str, Any] = {}
     for slot, entry in spec.items():
-        if slot == "trainer":
-            out.update(_dotted("trainer", entry))
+        if slot == "trainer":  # trainer.deepspeed.zero_optimization.overlap_comm: a row per DeepSpeed key
+            out.update({".".join(("trainer", *path)): value for path, value in leaves(entry)})
         elif slot == "eval":
             out["eval"] = [e["name"] for e in entry]
         elif entry:

@@ -10,6 +10,7 @@ import json
 import re
 import types
 import typing
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,10 +46,18 @@ def type_name(tp: Any) -> str:
     return str(tp).replace("typing.", "").replace("pathlib.", "")
 
 
-def mapping_text(mapping: dict[str, Any], prefix: str = "") -> str:
+def leaves(mapping: dict[str, Any], prefix: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], Any]]:
+    """``(key path, value)`` for every value of a nested mapping that is not itself a non-empty mapping."""
+    for key, value in mapping.items():
+        if isinstance(value, dict) and value:
+            yield from leaves(value, (*prefix, key))
+        else:
+            yield (*prefix, key), value
+
+
+def mapping_text(mapping: dict[str, Any]) -> str:
     """A mapping option's value as it is written on the command line, ``key.path=value,...`` (values in JSON)."""
-    return ",".join(mapping_text(value, f"{prefix}{key}.") if isinstance(value, dict) and value else
-                    f"{prefix}{key}={json.dumps(value, separators=(',', ':'))}" for key, value in mapping.items())
+    return ",".join(f"{'.'.join(path)}={json.dumps(value, separators=(',', ':'))}" for path, value in leaves(mapping))
 
 
 # --- secrets ------------------------------------------------------------------------------------

@@ -127,7 +127,7 @@ def _parse(tp: Any, raw: str) -> Any:
             except ValueError as exc:
                 errors.append(str(exc))
         raise ValueError("; ".join(errors))
-    if origin is dict:
+    if origin is dict or tp is dict:
         return _parse_mapping(raw)
     if origin in (tuple, list):
         inner = raw[1:-1] if raw[:1] in "([" and raw[-1:] in ")]" else raw

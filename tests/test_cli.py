@@ -101,3 +101,15 @@ def test_compare_shows_spec_differences(workdir: Path) -> None:
     assert set(data["differences"]) == {"trainer.lr"}
     text = orch("compare", "1", "2", cwd=workdir).stdout
     assert "trainer.lr" in text and "run 1" in text and "run 2" in text
+
+
+def test_deepspeed_keys_are_shown_as_written_and_compared_one_by_one(workdir: Path) -> None:
+    keys = "zero_optimization.overlap_comm=true,zero_optimization.reduce_bucket_size={}"
+    queued = orch("queue", "--zero", "2", "--deepspeed", keys.format(1000), "--deepspeed", keys.format(2000),
+                  cwd=workdir)
+    assert queued.returncode == 0, queued.stderr
+    assert "deepspeed=zero_optimization.overlap_comm=true,zero_optimization.reduce_bucket_size=1000]" in queued.stdout
+    shown = orch("show", "1", cwd=workdir).stdout
+    assert "deepspeed=zero_optimization.overlap_comm=true,zero_optimization.reduce_bucket_size=1000," in shown
+    data = json.loads(orch("compare", "1", "2", "--json", cwd=workdir).stdout)
+    assert set(data["differences"]) == {"trainer.deepspeed.zero_optimization.reduce_bucket_size"}

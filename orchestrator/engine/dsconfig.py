@@ -5,11 +5,11 @@ from __future__ import annotations
 import difflib
 import logging
 import math
-from collections.abc import Callable, Iterator, KeysView
+from collections.abc import Callable, KeysView
 from typing import Any
 
 from orchestrator.errors import UserError
-from orchestrator.options import mapping_text
+from orchestrator.options import leaves, mapping_text
 
 # DeepSpeed keys orch derives from its own options, and the option to use instead: an override would contradict the
 # spec (the sampler cuts micro-batches from --batch-size, orch builds the optimizer and the schedule itself).
@@ -83,7 +83,7 @@ def check_overrides(trainer: dict[str, Any]) -> None:
     ignores those silently: a typo would change nothing), anything DeepSpeed's own config validation refuses, and
     an optimizer offload that DeepSpeed would refuse when the engine starts (it wants its own CPU Adam)."""
     overrides = trainer["deepspeed"]
-    for path in _leaf_paths(overrides):
+    for path, _ in leaves(overrides):
         for end in range(1, len(path) + 1):
             if flag := SET_BY_ORCH.get(".".join(path[:end])):
                 raise UserError(f"--deepspeed {'.'.join(path)}: orch sets {'.'.join(path[:end])} from {flag}; "
@@ -124,14 +124,6 @@ def check_overrides(trainer: dict[str, Any]) -> None:
         raise UserError(f"--deepspeed zero_optimization.offload_optimizer.device={offload.device}: DeepSpeed steps "
                         f"orch's optimizer (torch's AdamW) off the GPU only with zero_force_ds_cpu_optimizer=false "
                         f"as well: add it")
-
-
-def _leaf_paths(mapping: dict[str, Any], prefix: tuple[str, ...] = ()) -> Iterator[tuple[str, ...]]:
-    for key, value in mapping.items():
-        if isinstance(value, dict) and value:
-            yield from _leaf_paths(value, (*prefix, key))
-        else:
-            yield (*prefix, key)
 
 
 class _ReadKeys(dict):
