@@ -220,7 +220,7 @@ class _NotStatic(Exception):
 _TYPE_NAMESPACE = {
     "int": int, "float": float, "bool": bool, "str": str, "tuple": tuple, "list": list, "None": None,
     "Path": Path, "pathlib": __import__("pathlib"), "typing": typing, "Literal": typing.Literal,
-    "Optional": typing.Optional, "Union": typing.Union,
+    "Optional": typing.Optional, "Union": typing.Union, "dict": dict, "Any": typing.Any,
 }
 
 

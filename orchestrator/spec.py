@@ -161,9 +161,15 @@ def _parse(tp: Any, raw: str) -> Any:
 
 def _parse_mapping(raw: str) -> dict[str, Any]:
     """``"a.b=1,a.c=true,d=cpu"`` -> ``{"a": {"b": 1, "c": True}, "d": "cpu"}``: dotted keys nest, and a value is
-    JSON where it parses as JSON (numbers, true, null, [...], {...}), else the text itself."""
+    JSON where it parses as JSON (numbers, true, null, [...], {...}), else the text itself. A JSON object is read
+    as it is (a plugin's mapping option: ``--loss mine:weights={"a":1,"b":2}``)."""
     if len(raw) > MAX_CHOICE_LENGTH:
         raise ValueError(f"{len(raw)} characters long; the limit is {MAX_CHOICE_LENGTH}")
+    if raw.startswith("{"):
+        value = _parse_mapping(f"_={raw}")["_"]
+        if not isinstance(value, dict):
+            raise ValueError(f"{raw!r} is not a JSON object")
+        return value
     out: dict[str, Any] = {}
     for item in _split_top_level(raw):
         key, eq, value = (part.strip() for part in item.partition("="))

@@ -81,7 +81,7 @@ def test_options_are_read_from_source_without_importing(tmp_path: Path, monkeypa
             Longer text.
             '''
             def __init__(self, depth: int = 4, pool: Literal["cls", "mean"] = "cls", dims: tuple[int, ...] = (8, 4),
-                         *, name: str | None = None) -> None:
+                         *, name: str | None = None, weights: dict[str, Any] | None = None) -> None:
                 pass
     """))
     monkeypatch.syspath_prepend(str(tmp_path))
@@ -89,7 +89,7 @@ def test_options_are_read_from_source_without_importing(tmp_path: Path, monkeypa
     assert summary == "A tower."
     assert [(o.name, o.type_name, o.default) for o in options] == [
         ("depth", "int", 4), ("pool", "cls|mean", "cls"), ("dims", "tuple[int, ...]", (8, 4)),
-        ("name", "str | None", None)]
+        ("name", "str | None", None), ("weights", "key.path=value,... | None", None)]
 
 
 def _pip_target(tmp_path: Path, *packages: Path) -> Path:

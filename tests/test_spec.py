@@ -25,6 +25,7 @@ def test_parse_choice_keeps_bracketed_lists_together() -> None:
     assert parse_choice("vit:depth=6,dims=[512,256],pool=mean") == ("vit", {"depth": "6", "dims": "[512,256]",
                                                                             "pool": "mean"})
     assert parse_choice("infonce") == ("infonce", {})
+    assert parse_choice('mine:weights={"a":1,"b":[2,3]},x=3') == ("mine", {"weights": '{"a":1,"b":[2,3]}', "x": "3"})
 
 
 @pytest.mark.parametrize("text", [":depth=2", "vit:depth", "vit:depth=1,depth=2", "vit:=3"])
@@ -50,14 +51,15 @@ def test_a_mapping_option_nests_dotted_keys_and_reads_json_values() -> None:
                      "h": {"i": None, "j": {"k": 1}}}
     assert parse_value(option, mapping_text(value), "--x") == value  # the run name's form reads back
     # one config, one hash: the dotted and the object spelling resolve to the same value
-    assert parse_value(option, 'a.b=1,a.c=2', "--x") == parse_value(option, 'a={"b":1,"c":2}', "--x")
+    assert parse_value(option, 'a.b=1,a.c=2', "--x") == parse_value(option, 'a={"b":1,"c":2}', "--x") == \
+        parse_value(option, '{"a":{"b":1,"c":2}}', "--x")
 
 
 @pytest.mark.parametrize("raw, message", [
     ("overlap_comm", "is not key.path=value"), ("a.=1", "is not key.path=value"), ("a=", "is not key.path=value"),
     ("a.b=1,a.b=2", "a.b is given twice"), ("a=1,a.b=2", "a is given a value and keys"),
     ("a=NaN", "NaN is not a finite number"), ("a=1e400", "a is not a finite number"),
-    ("a=" + "[" * 5000, "the limit is"),
+    ("a=" + "[" * 5000, "the limit is"), ('{"a":1', "is not a JSON object"), ("{", "is not a JSON object"),
 ])
 def test_malformed_mappings_are_user_errors(raw: str, message: str) -> None:
     with pytest.raises(UserError, match=re.escape(message)):
