@@ -83,11 +83,13 @@ def check_overrides(trainer: dict[str, Any]) -> None:
     ignores those silently: a typo would change nothing), anything DeepSpeed's own config validation refuses, and
     an optimizer offload that DeepSpeed would refuse when the engine starts (it wants its own CPU Adam)."""
     overrides = trainer["deepspeed"]
-    for path, _ in leaves(overrides):
-        for end in range(1, len(path) + 1):
-            if flag := SET_BY_ORCH.get(".".join(path[:end])):
-                raise UserError(f"--deepspeed {'.'.join(path)}: orch sets {'.'.join(path[:end])} from {flag}; "
-                                f"use that instead")
+    for path, value in leaves(overrides):
+        key = ".".join(path)
+        for reserved, flag in SET_BY_ORCH.items():
+            inside = key == reserved or key.startswith(reserved + ".")
+            replaces = reserved.startswith(key + ".") and not isinstance(value, dict)  # zero_optimization=true
+            if inside or replaces:
+                raise UserError(f"--deepspeed {key}: orch sets {reserved} from {flag}; use that instead")
     read: set[str] = set()
     config = _ReadKeys(deepspeed_config(trainer, world_size=1, precision="fp32"), read)
 

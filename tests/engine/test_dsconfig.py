@@ -83,6 +83,8 @@ def test_an_optimizer_offload_at_zero_0_is_refused() -> None:
 @pytest.mark.parametrize("overrides, message", [
     ("zero_optimization.stage=3", "orch sets zero_optimization.stage from --zero"),
     ('zero_optimization={"stage":3}', "orch sets zero_optimization.stage from --zero"),
+    ("zero_optimization=true", "orch sets zero_optimization.stage from --zero"),  # DeepSpeed's old spelling of 1
+    ("checkpoint=null", "orch sets checkpoint.load_universal from orch resume"),
     ("train_micro_batch_size_per_gpu=4", "from --batch-size, --gpus and --accum"),
     ("bf16.enabled=true", "orch sets bf16 from --precision"),
     ("optimizer.type=Lamb", "orch sets optimizer from --lr and --weight-decay"),
