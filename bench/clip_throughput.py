@@ -227,12 +227,12 @@ def forward_gflops(forward: Callable[[], None], batch: int) -> float:
     return counter.get_total_flops() / batch / 1e9
 
 
-# orch's variants: trainer flags of the run; open_clip's: whether it compiles. orch-zero2-overlap is what ZeRO-2 with
-# DeepSpeed's overlapped bucket reduction (the multi-GPU alternative to ZeRO-0's reduction after the backward pass)
-# costs on one GPU.
+# Each variant's settings: orch's are trainer flags of the run, open_clip's whether it compiles. orch-zero2-overlap is
+# what ZeRO-2 with DeepSpeed's overlapped bucket reduction (the multi-GPU alternative to ZeRO-0's reduction after the
+# backward pass) costs on one GPU.
 VARIANTS = {"orch": ("orch", {}), "orch-compile": ("orch", {"compile": "true"}),
             "orch-zero2-overlap": ("orch", {"zero": "2", "deepspeed": "zero_optimization.overlap_comm=true"}),
-            "open_clip": ("open_clip", False), "open_clip-compile": ("open_clip", True)}
+            "open_clip": ("open_clip", {}), "open_clip-compile": ("open_clip", {"compile": True})}
 LABELS = {"orch": "orch", "orch-compile": "orch --compile",
           "orch-zero2-overlap": "orch --zero 2 --deepspeed zero_optimization.overlap_comm=true",
           "open_clip": "open_clip (default loop)", "open_clip-compile": "open_clip --torchcompile"}
@@ -254,11 +254,12 @@ def measure(name: str, args: argparse.Namespace, device: Any) -> dict[str, Any]:
 
     variants: dict[str, Any] = {}
     for key in args.variants:
-        kind, options = VARIANTS[key]
+        kind, settings = VARIANTS[key]
         if kind == "orch":
-            variants[key] = Orch(s, args.batch_size, args.precision, total_steps, device, data, options)
+            variants[key] = Orch(s, args.batch_size, args.precision, total_steps, device, data, settings)
         else:
-            variants[key] = OpenClip(name, s, args.tiny, args.precision, total_steps, 1e-3, device, data, options)
+            variants[key] = OpenClip(name, s, args.tiny, args.precision, total_steps, 1e-3, device, data,
+                                     settings.get("compile", False))
     flops = {k: forward_gflops(v.forward, args.batch_size) for k, v in variants.items()}
     memory: dict[str, float] = {}
     for key, variant in variants.items():  # warmup also compiles; memory: what its steps add to what is held
