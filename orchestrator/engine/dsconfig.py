@@ -106,9 +106,11 @@ def check_overrides(trainer: dict[str, Any]) -> None:
         except ValidationError as exc:
             where = "; ".join(f"{exc.title} {'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
             raise UserError(f"--deepspeed {mapping_text(overrides)}: DeepSpeed refuses it ({where})") from None
-        except (AssertionError, ValueError, TypeError, KeyError) as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise UserError(f"--deepspeed {mapping_text(overrides)}: DeepSpeed refuses it ({first})") from None
+        except Exception as exc:  # every failure of the parser is about the user's keys: a section that is not a
+            # mapping (AttributeError), a key DeepSpeed removed (DeepSpeedConfigError), a failed assertion
+            first = (str(exc).strip().splitlines() or [""])[0]
+            raise UserError(f"--deepspeed {mapping_text(overrides)}: DeepSpeed refuses it "
+                            f"({type(exc).__name__}: {first})") from None
     finally:
         logging.getLogger("DeepSpeed").removeFilter(quiet)
     for key in overrides:

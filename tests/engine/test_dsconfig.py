@@ -99,6 +99,24 @@ def test_overrides_that_orch_sets_or_deepspeed_would_not_read_are_refused(overri
         resolve_trainer({"zero": "2", "deepspeed": overrides})
 
 
+def test_any_value_of_any_key_deepspeed_reads_is_accepted_or_refused_in_one_line() -> None:
+    """DeepSpeed's parser fails in its own ways on odd values (``aio=5``: an AttributeError; a removed section: its
+    DeepSpeedConfigError): each must come out as a UserError, never a traceback."""
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    from orchestrator.engine.dsconfig import _ReadKeys
+
+    read: set[str] = set()
+    DeepSpeedConfig(_ReadKeys(deepspeed_config(resolve_trainer({}), 1, "fp32"), read))
+    assert len(read) > 40 and "zero_optimization" in read
+    for key in sorted(read):
+        for value in ("5", "x", "[1]", "true", '{"a":1}', "null"):
+            try:
+                resolve_trainer({"zero": "2", "deepspeed": f"{key}={value}"})
+            except UserError as exc:
+                assert "\n" not in str(exc), (key, value)
+
+
 def test_the_engine_trains_with_the_overrides(one_rank: None) -> None:
     """Through the engine every run trains with: DeepSpeed's ZeRO-2 optimizer reads the overridden keys."""
     from orchestrator.engine.train import make_engine
