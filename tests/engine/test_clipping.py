@@ -52,8 +52,12 @@ def test_orch_clip_at_zero_0_trains_as_deepspeeds_clip_at_zero_1(one_rank: None,
     _, clipped_by_deepspeed = _train(zero=1, accum=accum)
     assert len(seen) == 3  # once per optimizer step, not per micro-batch
     assert seen == pytest.approx([0.01] * 3, rel=1e-4)
+    # The two norms sum in different orders (torch's per-tensor norms, DeepSpeed's flat buffer), so the clip
+    # coefficients differ in their last bits and AdamW carries that into its updates: measured up to 1.4e-6 after
+    # three steps on an Intel Xeon (under 1e-6 on the AMD EPYC machines before it), on parameters that move by 0.03.
+    # A clip 1% off (0.0101) moves them by 5e-4, so 1e-5 still tells a wrong clip from rounding.
     for a, b in zip(clipped_by_orch, clipped_by_deepspeed):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
 def test_zero_0_clears_the_gradients_at_the_accumulation_boundary_only(one_rank: None) -> None:
