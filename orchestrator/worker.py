@@ -161,13 +161,15 @@ class Worker:
                 status = self.store.end_attempt(claim, "failed", error)
                 self.echo(f"run {run['id']} failed: {error}")
                 return status
-            if not held:  # the heartbeat was refused: cancelled by the user, or the lease was lost
-                if self.store.run(run["id"])["status"] != "cancelled":
-                    raise Fenced(f"run {run['id']} attempt {claim.attempt} lost its lease")
+            # Cancelled by the user: this worker's heartbeat was refused, or rank 0's next store write was
+            # (it exits with EXIT_FENCED, usually before the next heartbeat comes).
+            if self.store.run(run["id"])["status"] == "cancelled":
                 status = self.store.end_attempt(claim, "cancelled")
                 self.echo(f"run {run['id']} cancelled")
                 self.registry.notify("run_ended", run=info, status="cancelled", error="cancelled by the user")
                 return status
+            if not held:  # the heartbeat was refused and nobody cancelled the run: the lease was lost
+                raise Fenced(f"run {run['id']} attempt {claim.attempt} lost its lease")
             error = f"attempt {claim.attempt} exited with code {code}: {_crash_reason(log_path)} (see {log_path})"
             status = self.store.end_attempt(claim, "crashed", error)
             self.echo(f"run {run['id']}: {error}; {'will be retried' if status == 'queued' else 'failed'}")

@@ -9,34 +9,18 @@ import sys
 import time
 from pathlib import Path
 
-import psutil
 import pytest
+from mlflow import MlflowClient
+from mlflow.entities import Run
 
 from orchestrator.runinfo import TIMING_METRICS
 from orchestrator.store import Store
-from tests.conftest import orch
+from tests.conftest import orch, training_processes, wait_until
 
 pytestmark = pytest.mark.slow
 
 SMALL = ["--encoder", "vit:depth=1,width=64,embed_dim=64", "--text-encoder",
          "text-transformer:depth=1,width=64,embed_dim=64", "--batch-size", "64"]
-
-
-def _wait(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.5)
-
-
-def _training_processes(run_dir: Path) -> list[psutil.Process]:
-    found = []
-    for proc in psutil.process_iter(["cmdline"]):
-        cmd = proc.info["cmdline"] or []
-        if "orchestrator.engine.train" in cmd and str(run_dir) in cmd:
-            found.append(proc)
-    return found
 
 
 def _comparable(metrics: dict[str, float]) -> dict[str, float]:
@@ -56,11 +40,11 @@ def test_killed_worker_run_resumes_and_ends_like_an_uninterrupted_run(workdir: P
     store = Store.open(f"sqlite:///{workdir}/experiments.db")
     worker = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "worker", "--lease", "4", "--quiet"],
                               cwd=workdir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    _wait(lambda: (store.latest_checkpoint(1) or {}).get("step", 0) >= 20
+    wait_until(lambda: (store.latest_checkpoint(1) or {}).get("step", 0) >= 20
           and store.progress(1).get("step", 0) >= 30, 300, "a checkpoint and progress past it")
     worker.send_signal(signal.SIGKILL)
     worker.wait()
-    _wait(lambda: not _training_processes(workdir / "runs" / "1"), 60, "the orphaned ranks to stop")
+    wait_until(lambda: not training_processes(workdir / "runs" / "1"), 60, "the orphaned ranks to stop")
     assert store.run(1)["status"] == "running"  # nobody knows yet: the lease tells
 
     time.sleep(5)  # the dead worker's 4 s lease runs out
@@ -117,7 +101,7 @@ def test_queue_and_cancel_while_a_worker_runs(workdir: Path) -> None:
     store = Store.open(f"sqlite:///{workdir}/experiments.db")
     worker = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "worker", "--lease", "4", "--quiet"],
                               cwd=workdir, stdout=subprocess.PIPE, text=True)
-    _wait(lambda: store.progress(1).get("step", 0) >= 5, 300, "run 1 to train")
+    wait_until(lambda: store.progress(1).get("step", 0) >= 5, 300, "run 1 to train")
     assert orch("queue", *SMALL, "--steps", "2", cwd=workdir).returncode == 0  # queued while the worker is busy
     cancelled = orch("cancel", "1", cwd=workdir)
     assert "its worker stops it" in cancelled.stdout
@@ -127,4 +111,31 @@ def test_queue_and_cancel_while_a_worker_runs(workdir: Path) -> None:
     assert store.run(1)["status"] == "cancelled" and store.run(2)["status"] == "finished"
     assert [a["outcome"] for a in store.attempts(1)] == ["cancelled"]
     assert store.progress(1)["step"] < 400
-    assert not _training_processes(workdir / "runs" / "1")
+
+
+def test_a_cancel_that_rank_0_sees_first_ends_as_cancelled_everywhere(workdir: Path) -> None:
+    """The worker heartbeats every lease/4 (15 s at the default lease, 150 s here), so rank 0's next metrics
+    write (every 2 steps) usually meets a cancel first, and the ranks exit by themselves (EXIT_FENCED). The run
+    must still end as cancelled in the worker's words, the store and MLflow; it was reported as failed before."""
+    assert orch("queue", *SMALL, "--steps", "2000", "--log-every", "2", cwd=workdir).returncode == 0
+    store = Store.open(f"sqlite:///{workdir}/experiments.db")
+    worker = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "worker", "--lease", "600", "--quiet"],
+                              cwd=workdir, stdout=subprocess.PIPE, text=True)
+    client = MlflowClient(tracking_uri=f"sqlite:///{workdir}/mlflow.db")
+
+    def tracked() -> list[Run]:
+        experiment = client.get_experiment_by_name("orch")
+        return client.search_runs([experiment.experiment_id]) if experiment else []
+
+    wait_until(lambda: store.progress(1).get("step", 0) >= 4 and tracked(), 300, "run 1 to train and be tracked")
+    assert "its worker stops it" in orch("cancel", "1", cwd=workdir).stdout
+    out, _ = worker.communicate(timeout=300)
+    assert worker.returncode == 0
+    assert "orch: stopping: run 1 attempt 1 no longer holds the run" in (workdir / "runs/1/attempt-1.log").read_text()
+    assert "run 1 cancelled" in out and "failed" not in out, out
+    run = store.run(1)
+    assert (run["status"], run["error"]) == ("cancelled", "cancelled by the user")
+    assert [(a["outcome"], a["error"]) for a in store.attempts(1)] == [("cancelled", None)]
+    (mlflow_run,) = tracked()
+    assert mlflow_run.info.status == "KILLED" and "orch.error" not in mlflow_run.data.tags
+    assert not training_processes(workdir / "runs" / "1")
