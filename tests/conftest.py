@@ -107,7 +107,8 @@ def wait_until(predicate: Callable[[], object], timeout: float, what: str) -> No
 
 
 def training_processes(run_dir: Path) -> list[psutil.Process]:
-    """The training ranks of one run on this machine, whoever started them (a launcher, torchrun, sshd)."""
+    """The processes here whose command line carries one run's training: its ranks, whoever started them, and the
+    launchers, pdsh and ssh between them and the worker."""
     found = []
     for proc in psutil.process_iter(["cmdline"]):
         cmd = proc.info["cmdline"] or []
