@@ -310,11 +310,8 @@ class MlflowTracker:
 
     def _client(self) -> MlflowClient:
         if self._client_obj is None:
-            from mlflow import MlflowClient
-
             uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
-            with _creation_lock(uri):  # two workers creating one SQLite store at once race on its tables
-                self._client_obj = MlflowClient(tracking_uri=uri)
+            self._client_obj = open_client(uri)
             self._default_store = not os.environ.get("MLFLOW_TRACKING_URI")
         return self._client_obj
 
@@ -418,6 +415,26 @@ class MlflowTracker:
         if status == "failed" and error:
             client.set_tag(run_id, "orch.error", error[:MAX_ERROR])
         client.set_terminated(run_id, STATUSES[status])
+
+
+def open_client(uri: str) -> MlflowClient:
+    """The client of ``uri``; a new local SQLite store is created whole or not at all. MLflow migrates a new store
+    for seconds, not in one transaction: a process killed meanwhile (Ctrl-C in the first seconds of the first run)
+    left a store that nothing could open again ("table ... already exists"). So the store is migrated under a
+    temporary name and renamed into place, under a lock (two workers creating one store race on its tables)."""
+    from mlflow import MlflowClient
+
+    with _creation_lock(uri):
+        if uri.startswith("sqlite:///"):
+            path, query = uri.removeprefix("sqlite:///").partition("?")[::2]
+            target = Path(path)
+            if not target.exists():
+                for stale in target.parent.glob(f"{target.name}.creating-*"):  # from a process killed creating it
+                    stale.unlink()
+                partial = target.with_name(f"{target.name}.creating-{os.getpid()}")
+                MlflowClient(tracking_uri=f"sqlite:///{partial}" + (f"?{query}" if query else ""))  # migrates it
+                os.replace(partial, target)
+        return MlflowClient(tracking_uri=uri)
 
 
 @contextlib.contextmanager

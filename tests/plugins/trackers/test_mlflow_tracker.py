@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 from importlib.metadata import entry_points
 from pathlib import Path
 
@@ -194,6 +196,25 @@ def test_default_store_experiment_and_git_commit(tmp_path, monkeypatch, trackers
     assert found.data.tags["orch.git_commit"] == found.data.tags["mlflow.source.git.commit"] == head
     weights = tmp_path / "mlruns" / found.info.run_id / "artifacts" / "final" / "weights.pt"
     assert weights.read_bytes() == b"weights"
+
+
+def test_a_process_killed_while_creating_the_store_leaves_none_behind(tmp_path):
+    """MLflow migrates a new SQLite store for seconds, not atomically; a process killed meanwhile (Ctrl-C in the
+    first seconds of the first run) left a store that nothing could open again ("table ... already exists")."""
+    db = tmp_path / "mlflow.db"
+    uri = f"sqlite:///{db}"
+    creating = subprocess.Popen([sys.executable, "-c", f"from plugins.trackers.mlflow import open_client; "
+                                                       f"open_client({uri!r})"], cwd=Path(__file__).parents[3])
+    deadline = time.monotonic() + 120
+    while not [p for p in tmp_path.iterdir() if p.name.startswith("mlflow.db") and p.suffix != ".lock"]:
+        assert creating.poll() is None and time.monotonic() < deadline, "the store was never created"
+        time.sleep(0.02)
+    time.sleep(0.5)  # into the migrations (several seconds)
+    creating.kill()
+    assert creating.wait() == -signal.SIGKILL, "the creation ended before the kill: nothing was tested"
+    client = tracker_module.open_client(uri)
+    assert [e.name for e in client.search_experiments()] == ["Default"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mlflow.db", "mlflow.db.lock"]  # the partial one is gone
 
 
 def test_interrupted_from_another_process(store, tmp_path, trackers, caplog):
