@@ -7,6 +7,7 @@ A user's mistake is one line on stderr and exit code 2, never a traceback.
 from __future__ import annotations
 
 import json
+import signal
 import sys
 from datetime import datetime
 from pathlib import Path
@@ -111,12 +112,16 @@ def run(ctx: click.Context, quiet: bool, lease: float, **kwargs: Any) -> None:
 
     ids = _queue(ctx, kwargs)
     worker = Worker(_store(ctx), runs_dir(ctx.obj["runs_dir"]), lease_seconds=lease, quiet=quiet, echo=click.echo)
+    worker.stop_on_signals()
     for run_id in ids:
-        while (claim := worker.store.claim(worker.id, lease, run_id=run_id)) is not None:
-            if worker.execute(claim) != "queued":  # queued again: a crash with attempts left
+        while worker.stop_signal is None and (claim := worker.store.claim(worker.id, lease, run_id=run_id)):
+            if worker.execute(claim) != "queued":  # queued again: a crash with attempts left, or interrupted
                 break
         else:
-            click.echo(f"run {run_id} was taken by another worker")
+            if worker.stop_signal is None:
+                click.echo(f"run {run_id} was taken by another worker")
+    if worker.stop_signal is not None:
+        sys.exit(128 + worker.stop_signal)
     outcomes = [worker.store.attempts(i)[-1]["outcome"] if worker.store.attempts(i) else "none" for i in ids]
     if "failed" in outcomes:  # a reason the user can act on (bad data, diverged loss, full disk)
         sys.exit(2)
@@ -149,7 +154,11 @@ def worker(ctx: click.Context, once: bool, forever: bool, lease: float, poll: fl
 
     w = Worker(_store(ctx), runs_dir(ctx.obj["runs_dir"]), lease_seconds=lease, quiet=quiet, echo=click.echo,
                gpus=parse_gpus(gpus) if gpus is not None else None, hostfile=hostfile, master_addr=master_addr)
+    w.stop_on_signals()
     done = w.loop(once=once, forever=forever, poll_seconds=poll)
+    if w.stop_signal is not None:
+        click.echo(f"worker {w.id}: executed {done} run(s); stopped by {signal.Signals(w.stop_signal).name}")
+        sys.exit(128 + w.stop_signal)
     click.echo(f"worker {w.id}: executed {done} run(s); the queue is empty" if not once else
                f"worker {w.id}: executed {done} run(s)")
 

@@ -58,22 +58,37 @@ class Worker:
                  f"rank 0 runs there and its rendezvous port is picked here; list this machine first")
         self.registry = Registry.load()
         self.id = worker_id()
+        self.stop_signal: int | None = None  # set by stop_on_signals: hand the run back to the queue, then stop
+
+    def stop_on_signals(self) -> None:
+        """SIGTERM (a scheduler's preemption, `docker stop`) and SIGINT (Ctrl-C) stop this worker once the run it
+        holds is back in the queue; a second signal stops it at once (the run's lease then expires)."""
+        def stop(signum: int, _frame: object) -> None:
+            if self.stop_signal is not None:
+                raise KeyboardInterrupt
+            self.stop_signal = signum
+
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, stop)
 
     def loop(self, once: bool = False, forever: bool = False, poll_seconds: float = 5.0) -> int:
         """Run queued runs until the queue is empty (or forever); returns how many were executed."""
         done = 0
-        while True:
+        while self.stop_signal is None:
             self.reap()
             claim = self.store.claim(self.id, self.lease)
             if claim is None:
                 if not forever:
                     return done
-                time.sleep(poll_seconds)
+                deadline = time.monotonic() + poll_seconds
+                while self.stop_signal is None and time.monotonic() < deadline:
+                    time.sleep(0.2)
                 continue
             self.execute(claim)
             done += 1
             if once:
                 return done
+        return done
 
     def reap(self) -> None:
         """Runs whose worker died go back to the queue (and resume from their last valid checkpoint)."""
@@ -134,6 +149,9 @@ class Worker:
         with _ProgressBar(run["spec"]["trainer"]["steps"], enabled=not self.quiet) as bar:
             while proc.poll() is None:
                 time.sleep(0.5)
+                if self.stop_signal is not None:
+                    _stop(proc)
+                    break
                 try:
                     if time.monotonic() - last_beat >= beat:
                         last_beat = time.monotonic()
@@ -170,6 +188,15 @@ class Worker:
                 return status
             if not held:  # the heartbeat was refused and nobody cancelled the run: the lease was lost
                 raise Fenced(f"run {run['id']} attempt {claim.attempt} lost its lease")
+            if self.stop_signal is not None:  # told to stop: the run goes back to the queue, no failure counted
+                reason = f"the worker was stopped ({signal.Signals(self.stop_signal).name})"
+                status = self.store.end_attempt(claim, "interrupted", reason)
+                checkpoint = self.store.latest_checkpoint(run["id"])
+                where = f"from step {checkpoint['step']}" if checkpoint else "from the start"
+                self.echo(f"run {run['id']} interrupted: {reason}; back in the queue, resumed {where} by the next "
+                          f"worker (`orch cancel {run['id']}` drops it)")
+                self.registry.notify("run_ended", run=info, status="interrupted", error=reason)
+                return status
             error = f"attempt {claim.attempt} exited with code {code}: {_crash_reason(log_path)} (see {log_path})"
             status = self.store.end_attempt(claim, "crashed", error)
             self.echo(f"run {run['id']}: {error}; {'will be retried' if status == 'queued' else 'failed'}")

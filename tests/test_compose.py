@@ -129,6 +129,7 @@ def test_worker_reserves_gpus_and_points_at_the_services() -> None:
     command = worker["command"]
     assert (command if isinstance(command, list) else command.split()) == ["worker", "--forever"]
     assert worker["build"]["target"] == "worker"
+    assert worker["stop_grace_period"] in ("60s", "1m", "1m0s")  # time to hand its run back (up to 30 s) on stop
 
     mlflow = services["mlflow"]
     assert _environment(mlflow)["MLFLOW_BACKEND_STORE_URI"].endswith("@postgres:5432/mlflow")

@@ -14,7 +14,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Run
 
 from orchestrator.runinfo import TIMING_METRICS
-from orchestrator.store import Store
+from orchestrator.store import Claim, Store
 from tests.conftest import orch, training_processes, wait_until
 
 pytestmark = pytest.mark.slow
@@ -111,6 +111,43 @@ def test_queue_and_cancel_while_a_worker_runs(workdir: Path) -> None:
     assert store.run(1)["status"] == "cancelled" and store.run(2)["status"] == "finished"
     assert [a["outcome"] for a in store.attempts(1)] == ["cancelled"]
     assert store.progress(1)["step"] < 400
+
+
+@pytest.mark.parametrize("command, signum, whole_group", [("worker", signal.SIGTERM, False),
+                                                      ("run", signal.SIGINT, True)])
+def test_a_stopped_worker_hands_its_run_back_to_the_queue(workdir: Path, command: str, signum: int,
+                                                          whole_group: bool) -> None:
+    """SIGTERM (a scheduler's preemption, `docker stop`) to `orch worker`, or Ctrl-C in the terminal of `orch run`
+    (SIGINT to the whole foreground group, ranks included): the ranks stop, the run is queued again at once, from
+    its last checkpoint, and the stop does not count against --max-attempts. Before, the run stayed `running`
+    until its lease expired and then counted as a crash."""
+    args = [*SMALL, "--steps", "2000", "--checkpoint-every", "4", "--log-every", "2"]
+    if command == "worker":
+        assert orch("queue", *args, cwd=workdir).returncode == 0
+        argv = ["worker"]
+    else:
+        argv = ["run", *args]
+    store_path = workdir / "experiments.db"
+    proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", *argv, "--quiet"], cwd=workdir,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    wait_until(lambda: store_path.exists() and Store.open(f"sqlite:///{store_path}").latest_checkpoint(1), 300,
+               "run 1's first checkpoint")
+    if whole_group:
+        os.killpg(proc.pid, signum)
+    else:
+        proc.send_signal(signum)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signum, out + err
+    assert not training_processes(workdir / "runs" / "1")
+    store = Store.open(f"sqlite:///{store_path}")
+    run = store.run(1)
+    assert (run["status"], run["failures"], run["lease_owner"]) == ("queued", 0, None), run
+    reason = f"the worker was stopped ({signal.Signals(signum).name})"
+    assert [(a["outcome"], a["error"]) for a in store.attempts(1)] == [("interrupted", reason)]
+    step = store.latest_checkpoint(1)["step"]
+    assert f"run 1 interrupted: {reason}; back in the queue, resumed from step {step} by the next worker" in out
+    assert "Traceback" not in err
+    assert store.claim("next-worker", 60) == Claim(1, 2)  # at once, not after the 60 s lease
 
 
 def test_a_cancel_that_rank_0_sees_first_ends_as_cancelled_everywhere(workdir: Path) -> None:

@@ -252,8 +252,10 @@ class Store:
 
     def end_attempt(self, claim: Claim, outcome: str, error: str | None = None) -> str:
         """Close the attempt: ``finished``, ``failed`` (permanent), ``crashed`` (retried while attempts
-        remain) or ``cancelled``. Returns the run's new status. Only the attempt that still holds the run
-        (running, or cancelled by the user while it ran) may close it: anything else is ``Fenced``."""
+        remain), ``interrupted`` (its worker was told to stop: queued again, and not counted against
+        ``max_attempts``, so preemptions never fail a run) or ``cancelled``. Returns the run's new status. Only
+        the attempt that still holds the run (running, or cancelled by the user while it ran) may close it:
+        anything else is ``Fenced``."""
         now = utcnow()
         held = (Run.c.id == claim.run_id, Run.c.attempt == claim.attempt, Run.c.status.in_(("running", "cancelled")),
                 Run.c.lease_owner.is_not(None))
@@ -267,10 +269,11 @@ class Store:
             if outcome == "crashed":
                 status = "failed" if run.failures + 1 >= run.max_attempts else "queued"
             else:
-                status = {"finished": "finished", "failed": "failed", "cancelled": "cancelled"}[outcome]
+                status = {"finished": "finished", "failed": "failed", "cancelled": "cancelled",
+                          "interrupted": "queued"}[outcome]
             conn.execute(update(Run).where(*held).values(
                 status=status, lease_owner=None, lease_expires_at=None,
-                error=Run.c.error if status == "cancelled" and error is None else error,  # keep the cancel reason
+                error=Run.c.error if status == "cancelled" else error,  # the cancel reason; the attempt keeps its own
                 failures=Run.c.failures + (1 if outcome in ("crashed", "failed") else 0),
                 finished_at=None if status == "queued" else now))
             self._end_attempt(conn, claim.run_id, claim.attempt, outcome, error)

@@ -80,6 +80,25 @@ def test_run_that_keeps_crashing_fails_after_max_attempts(store_url: str) -> Non
     assert store.claim("w", 60) == Claim(run_id, 3)
 
 
+def test_an_interrupted_attempt_requeues_the_run_without_spending_an_attempt(store_url: str) -> None:
+    """A worker that is told to stop (SIGTERM, Ctrl-C) hands its run back: queued at once, failures unchanged, so
+    preemptions never exhaust --max-attempts; a run cancelled meanwhile stays cancelled."""
+    store = Store.open(store_url)
+    run_id, other = store.add_runs([_spec(1), _spec(2)], max_attempts=1)
+    for attempt in (1, 2, 3):
+        claim = store.claim("w", 60, run_id=run_id)
+        assert claim == Claim(run_id, attempt)
+        assert store.end_attempt(claim, "interrupted", "worker stopped (SIGTERM)") == "queued"
+        run = store.run(run_id)
+        assert (run["status"], run["failures"], run["lease_owner"], run["finished_at"]) == ("queued", 0, None, None)
+    assert [(a["outcome"], a["error"]) for a in store.attempts(run_id)] == [
+        ("interrupted", "worker stopped (SIGTERM)")] * 3
+    claim = store.claim("w", 60, run_id=other)
+    store.cancel(other)
+    assert store.end_attempt(claim, "interrupted", "worker stopped (SIGINT)") == "cancelled"
+    assert store.run(other)["error"] == "cancelled by the user"
+
+
 def test_cancel_fences_the_running_attempt(store_url: str) -> None:
     store = Store.open(store_url)
     run_id = store.add_runs([_spec(1)])[0]
@@ -179,7 +198,7 @@ def test_an_older_schema_is_migrated_on_open(sqlite_url: str) -> None:
     assert reopened.add_runs([_spec(1)]) == [1]
 
 
-@pytest.mark.parametrize("outcome", ["finished", "cancelled", "crashed", "failed"])
+@pytest.mark.parametrize("outcome", ["finished", "cancelled", "crashed", "failed", "interrupted"])
 def test_a_requeued_attempt_cannot_end_the_run(store_url: str, outcome: str) -> None:
     """The old worker comes back after its run was requeued (and before anyone re-claimed it)."""
     store = Store.open(store_url)
