@@ -147,4 +147,5 @@ def checkpoint_saved(run: RunInfo, step: int, path: Path) -> None:
 
 @hookspec
 def run_ended(run: RunInfo, status: str, error: str | None) -> None:
-    """An attempt ended: ``finished``, ``failed``, ``cancelled`` or ``interrupted`` (lease lost, will resume)."""
+    """An attempt ended: ``finished``, ``failed``, ``cancelled`` or ``interrupted`` (lease lost, or its worker
+    stopped: the run resumes)."""
