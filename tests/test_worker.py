@@ -41,7 +41,7 @@ def test_killed_worker_run_resumes_and_ends_like_an_uninterrupted_run(workdir: P
     worker = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "worker", "--lease", "4", "--quiet"],
                               cwd=workdir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_until(lambda: (store.latest_checkpoint(1) or {}).get("step", 0) >= 20
-          and store.progress(1).get("step", 0) >= 30, 300, "a checkpoint and progress past it")
+               and store.progress(1).get("step", 0) >= 30, 300, "a checkpoint and progress past it")
     worker.send_signal(signal.SIGKILL)
     worker.wait()
     wait_until(lambda: not training_processes(workdir / "runs" / "1"), 60, "the orphaned ranks to stop")
@@ -111,6 +111,7 @@ def test_queue_and_cancel_while_a_worker_runs(workdir: Path) -> None:
     assert store.run(1)["status"] == "cancelled" and store.run(2)["status"] == "finished"
     assert [a["outcome"] for a in store.attempts(1)] == ["cancelled"]
     assert store.progress(1)["step"] < 400
+    assert not training_processes(workdir / "runs" / "1")
 
 
 @pytest.mark.parametrize("command, signum, whole_group", [("worker", signal.SIGTERM, False),
