@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -96,6 +97,22 @@ def orch(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None,
     """Run the real `orch` command line in a subprocess."""
     return subprocess.run([sys.executable, "-m", "orchestrator.cli", *args], cwd=cwd, capture_output=True,
                           text=True, timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def installed_or_skip(name: str, packages: str) -> str:
+    """The path of a system tool a test needs; skipped without it, failed in CI (``.ci/run`` installs it)."""
+    path = shutil.which(name) or shutil.which(name, path="/usr/sbin:/usr/bin")
+    if path:
+        return path
+    if os.environ.get("CI"):
+        pytest.fail(f"{name} is missing in CI: .ci/run installs it (apt-get install {packages})")
+    pytest.skip(f"{name} is not installed (apt-get install -y --no-install-recommends {packages}); CI installs it")
 
 
 def wait_until(predicate: Callable[[], object], timeout: float, what: str) -> None:

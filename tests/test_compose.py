@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
 
-import pytest
 import yaml
+
+from tests.conftest import installed_or_skip
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = ROOT / "docker-compose.yml"
@@ -51,17 +51,8 @@ def _environment(service: dict[str, Any]) -> dict[str, str]:
     return {k: str(v) for k, v in env.items()}
 
 
-def _docker_compose() -> str:
-    binary = shutil.which("docker-compose")
-    if binary:
-        return binary
-    if os.environ.get("CI"):
-        pytest.fail("docker-compose is missing in CI: .ci/run installs it (apt-get install docker-compose)")
-    pytest.skip("docker-compose is not installed (apt-get install -y --no-install-recommends docker-compose)")
-
-
 def test_compose_config_is_valid(tmp_path: Path) -> None:
-    binary = _docker_compose()
+    binary = installed_or_skip("docker-compose", "docker-compose")
     env_file = tmp_path / ".env"
     env_file.write_text(ENV_EXAMPLE.read_text())
     clean = {k: v for k, v in os.environ.items() if k not in _env_example()}

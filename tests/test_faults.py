@@ -5,7 +5,6 @@ server)."""
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 import time
@@ -16,7 +15,7 @@ import pytest
 
 from orchestrator.runinfo import TIMING_METRICS
 from orchestrator.store import Store
-from tests.conftest import orch
+from tests.conftest import free_port, orch
 
 pytestmark = pytest.mark.slow
 SMALL = ["--encoder", "vit:depth=1,width=64,embed_dim=64", "--text-encoder",
@@ -117,14 +116,8 @@ def test_disk_full_while_checkpointing_stops_cleanly(workdir: Path) -> None:
         subprocess.run(["umount", str(runs)], capture_output=True)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_tracker_outage_loses_nothing_and_sync_catches_up(workdir: Path) -> None:
-    port = _free_port()
+    port = free_port()
     uri = f"http://127.0.0.1:{port}"
     env = {"MLFLOW_TRACKING_URI": uri, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "2",
            "ORCH_MLFLOW_END_TIMEOUT": "5"}

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -16,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from orchestrator.store import Store
-from tests.conftest import orch, training_processes, wait_until
+from tests.conftest import free_port, installed_or_skip, orch, training_processes, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -32,36 +31,21 @@ class Nodes:
     sshd_log: Path
 
 
-def _tool(name: str, hint: str) -> str:
-    path = shutil.which(name) or shutil.which(name, path="/usr/sbin:/usr/bin")
-    if path:
-        return path
-    if os.environ.get("CI"):
-        pytest.fail(f"{name} is missing in CI: .ci/run installs it (apt-get install {hint})")
-    pytest.skip(f"{name} is not installed (apt-get install -y --no-install-recommends {hint}); CI installs it")
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture
 def nodes(workdir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Nodes]:
     """sshd on 127.0.0.1 under two host names (both "nodes" are this machine), reachable without a password by
     ``ssh`` and pdsh through a PATH entry that gives ssh this test's client config; the store is an absolute
     SQLite URL outside the working folder, so that the remote ranks find it only through the exported
     ``ORCH_STORE``."""
-    sshd, pdsh = _tool("sshd", "openssh-server"), _tool("pdsh", "pdsh")
+    sshd, pdsh = installed_or_skip("sshd", "openssh-server"), installed_or_skip("pdsh", "pdsh")
     if os.geteuid() != 0:
         pytest.skip("sshd needs root here (privilege separation); CI runs as root")
-    ssh = _tool("ssh", "openssh-client")
+    ssh = installed_or_skip("ssh", "openssh-client")
     home = tmp_path_factory.mktemp("ssh")
     for key in ("host_key", "user_key"):
         subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(home / key)], check=True)
     shutil.copy(home / "user_key.pub", home / "authorized_keys")
-    port = _free_port()
+    port = free_port()
     (home / "sshd_config").write_text(
         f"ListenAddress 127.0.0.1\nPort {port}\nHostKey {home}/host_key\nAuthorizedKeysFile {home}/authorized_keys\n"
         "PasswordAuthentication no\nKbdInteractiveAuthentication no\nPermitRootLogin prohibit-password\n"

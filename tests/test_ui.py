@@ -29,29 +29,14 @@ from pathlib import Path
 import pytest
 
 from orchestrator import ui
-from tests.conftest import orch
+from tests.conftest import free_port, installed_or_skip, orch
 
-CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if os.path.exists("/usr/bin/chromium") else None)
 RUN_NAME = "ui-browser-check"
 NO_JOBS = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # no LLM-judge job runner: 7 processes less
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _tail(path: Path, n: int = 3000) -> str:
     return path.read_text(errors="replace")[-n:] if path.exists() else ""
-
-
-def _need_chromium() -> str:
-    if CHROMIUM:
-        return CHROMIUM
-    if os.environ.get("CI"):
-        pytest.fail("chromium is missing in CI: .ci/run installs it (apt-get install chromium)")
-    pytest.skip("chromium is not installed (apt-get install -y chromium); CI installs it and runs this test")
 
 
 @pytest.fixture
@@ -59,7 +44,7 @@ def mlflow_server(tmp_path: Path) -> Iterator[str]:
     """``mlflow server`` on a free loopback port over SQLite in tmp; yields its URL."""
     home = tmp_path / "mlflow-server"  # apart from the working directory's default store
     home.mkdir()
-    port, log = _free_port(), home / "server.log"
+    port, log = free_port(), home / "server.log"
     cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{home / 'mlflow.db'}",
            "--artifacts-destination", str(home / "mlartifacts"), "--host", "127.0.0.1", "--port", str(port),
            "--workers", "1", "--allowed-hosts", ui.allowed_hosts("127.0.0.1", port)]
@@ -192,7 +177,7 @@ def _keep(*shots: Path) -> None:
 
 @pytest.mark.slow
 def test_run_page_in_browser(workdir: Path, tmp_path: Path, mlflow_server: str) -> None:
-    chromium = _need_chromium()
+    chromium = installed_or_skip("chromium", "chromium")
     started = time.monotonic()
     result = orch("run", "--steps", "4", "--batch-size", "32", "--log-every", "1", "--name", RUN_NAME, "--quiet",
                   cwd=workdir, env={"MLFLOW_TRACKING_URI": mlflow_server})
@@ -298,7 +283,7 @@ def test_ui_serves_the_local_store(workdir: Path) -> None:
     """``orch run`` with the default local store, then ``orch ui`` in the same folder serves that run."""
     result = orch("run", "--steps", "2", "--batch-size", "16", "--name", "local-ui", "--quiet", cwd=workdir)
     assert result.returncode == 0, result.stdout + result.stderr
-    port, log = _free_port(), workdir / "orch-ui.log"
+    port, log = free_port(), workdir / "orch-ui.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "ui", "--port", str(port)], cwd=workdir,
                                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +24,7 @@ from orchestrator.spec import resolve_trainer
 from plugins.encoders.text_transformer import TextTransformer
 from plugins.encoders.vit import VisionTransformer
 from plugins.losses.infonce import InfoNCE
-from tests.conftest import orch
+from tests.conftest import free_port, orch
 
 pytestmark = pytest.mark.gpu
 
@@ -95,12 +94,6 @@ def test_compile_matches_eager_on_the_gpu(exact_fp32: None) -> None:
 
 # --- through DeepSpeed with NCCL, in a spawned process (a process group per process) ----------------------------
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _engine_rank(rank: int, port: int, out: str, configs: list[dict[str, Any]]) -> None:
     os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
                        "MASTER_PORT": str(port)})
@@ -157,7 +150,7 @@ def engine_runs(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]
                {"precision": "bf16", "zero": 0, "grad_cache": 8}, {"precision": "bf16", "zero": 2, "compile": True},
                {"precision": "bf16", "zero": 3}]
     out = tmp_path_factory.mktemp("gpu") / "engine.json"
-    mp.spawn(_engine_rank, args=(_free_port(), str(out), configs), nprocs=1, join=True)
+    mp.spawn(_engine_rank, args=(free_port(), str(out), configs), nprocs=1, join=True)
     return json.loads(out.read_text())
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import stat
 import sys
 from pathlib import Path
@@ -24,7 +23,7 @@ from orchestrator.spec import TRAINER_OPTIONS, resolve_trainer
 from plugins.encoders.text_transformer import TextTransformer
 from plugins.encoders.vit import VisionTransformer
 from plugins.losses.infonce import InfoNCE
-from tests.conftest import orch
+from tests.conftest import free_port, orch
 
 
 @pytest.fixture(autouse=True)
@@ -219,12 +218,6 @@ def test_compile_refuses_zero_3() -> None:
 
 # --- the learnable temperature under DeepSpeed's masters and ZeRO-3 -----------------------------
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class _Tower(nn.Linear):
     """A linear tower that takes fp32 inputs into a bf16 engine, as the built-in encoders do."""
 
@@ -278,7 +271,7 @@ def test_temperature_clamp_reaches_the_fp32_masters_under_zero_3_with_two_ranks(
     configs = [("fp32", 0, True), ("fp32", 1, True), ("fp32", 3, True), ("bf16", 0, True), ("bf16", 2, True),
                ("bf16", 3, True), ("bf16", 2, False), ("bf16", 3, False)]
     out = tmp_path / "clamp.json"
-    mp.spawn(_clamp_rank, args=(2, _free_port(), str(out), configs), nprocs=2, join=True)
+    mp.spawn(_clamp_rank, args=(2, free_port(), str(out), configs), nprocs=2, join=True)
     bound = torch.tensor(10.0).log().item()
     results = json.loads(out.read_text())
     for r in results:
