@@ -514,7 +514,7 @@ def _loss_rank(rank: int, world: int, tmp: str, name: str, modules: Sequence[str
 
 
 def leave_rank() -> None:
-    """End a spawned gloo test rank whose results are saved: wait for every rank, destroy the group, and exit
+    """End a spawned test rank whose results are saved: wait for every rank, destroy the group, and exit
     without interpreter teardown. Gloo's threads can abort a process while Python finalizes ("terminate called
     without an active exception", seen in this suite; pytorch/pytorch#179291), which fails a test that passed."""
     import torch.distributed as dist

@@ -166,16 +166,20 @@ class Worker:
 
     def _finish(self, code: int, held: bool, claim: Claim, run: dict[str, Any], log_path: Path) -> str:
         info = self._info(run["id"], claim.attempt)
+        result = log_path.with_name(f"attempt-{claim.attempt}.result.json")
+        outcome = json.loads(result.read_text()) if result.exists() else {}  # rank 0's last word, if any
         try:
-            if code == 0:
+            if code == 0 or outcome.get("finished"):
                 status = self.store.end_attempt(claim, "finished")
                 metrics = {k: v for k, v in self.store.final_metrics(run["id"]).items() if not k.startswith("train/")}
                 shown = ", ".join(f"{k} {v:.2f}" for k, v in sorted(metrics.items()))
                 self.echo(f"run {run['id']} finished" + (f": {shown}" if shown else ""))
+                if code != 0:  # every rank was done and saved; one died while its interpreter shut down
+                    self.echo(f"run {run['id']}: a training process exited with code {code} after the run had "
+                              f"finished; nothing was lost (see {log_path})")
                 return status
-            result = log_path.with_name(f"attempt-{claim.attempt}.result.json")
-            if result.exists():  # rank 0 said why, and that retrying cannot help
-                error = json.loads(result.read_text())["error"]
+            if "error" in outcome:  # rank 0 said why, and that retrying cannot help
+                error = outcome["error"]
                 status = self.store.end_attempt(claim, "failed", error)
                 self.echo(f"run {run['id']} failed: {error}")
                 return status

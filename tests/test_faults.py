@@ -56,6 +56,19 @@ def test_a_crash_is_retried_and_resumes_from_the_checkpoint(workdir: Path, fault
         "resuming from step 10" in result.stdout
 
 
+def test_a_rank_that_dies_at_exit_after_the_run_finished_does_not_rerun_it(workdir: Path, faulty_site) -> None:
+    """The last rank aborts while its interpreter shuts down (as gloo's threads can): the launcher exits non-zero,
+    but every rank had passed the final barrier, so the run is finished once, not crashed and retrained."""
+    result = orch("run", *SMALL, "--loss", "faulty:mode=abort-at-exit,at_step=2", "--gpus", "2", "--steps", "4",
+                  "--quiet", cwd=workdir, env=faulty_site)
+    assert result.returncode == 0, result.stdout
+    assert "after the run had finished; nothing was lost" in result.stdout
+    store = _store(workdir)
+    assert store.run(1)["status"] == "finished"
+    assert [a["outcome"] for a in store.attempts(1)] == ["finished"]
+    assert (workdir / "runs" / "1" / "final" / "weights.pt").exists()
+
+
 def test_a_run_that_keeps_crashing_fails_after_max_attempts_and_resume_brings_it_back(workdir: Path,
                                                                                       faulty_site) -> None:
     result = orch("run", *SMALL, "--loss", "faulty:mode=crash,at_step=2", "--steps", "4", "--max-attempts", "2",

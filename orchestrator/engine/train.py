@@ -4,7 +4,9 @@ Launched by the worker, one process per GPU (or gloo processes on the CPU), with
 ``run_dir/spec.json``. Rank 0 writes metrics and checkpoints to the store (fenced by the attempt) and
 calls the lifecycle hooks; the worker owns the run's state transitions.
 
-Exit codes: 0 finished, 2 failed for good (reason in ``attempt-N.result.json``), 3 fenced off.
+Exit codes: 0 finished, 2 failed for good (reason in ``attempt-N.result.json``), 3 fenced off. Rank 0 also
+writes ``{"finished": true}`` there once every rank is done, so a rank that dies while the interpreter shuts
+down (gloo's threads can abort it then) does not turn a finished run into a retried one.
 """
 
 from __future__ import annotations
@@ -102,9 +104,13 @@ def _fail(run: RunInfo, registry: Registry, rank: int, reason: str) -> int:
     """A failure that retrying cannot fix: say why, and tell the worker not to retry."""
     if rank == 0:
         print(f"orch: run {run.id} failed: {reason}", file=sys.stderr)
-        (run.run_dir / f"attempt-{run.attempt}.result.json").write_text(json.dumps({"error": reason}))
+        _write_result(run, {"error": reason})
         registry.notify("run_ended", run=run, status="failed", error=reason)
     return EXIT_FAILED
+
+
+def _write_result(run: RunInfo, outcome: dict[str, Any]) -> None:
+    (run.run_dir / f"attempt-{run.attempt}.result.json").write_text(json.dumps(outcome))
 
 
 def train(spec: dict[str, Any], registry: Registry, run: RunInfo, store: Store | None, claim: Claim,
@@ -250,6 +256,8 @@ def train(spec: dict[str, Any], registry: Registry, run: RunInfo, store: Store |
         reporter.close()
         registry.notify("run_ended", run=run, status="finished", error=None)
     dist.barrier()
+    if rank == 0:  # every rank reached the barrier: all the run's work is saved, whatever happens at exit
+        _write_result(run, {"finished": True})
     dist.destroy_process_group()  # every rank is past the barrier: nothing is in flight (NCCL warns otherwise)
 
 

@@ -21,6 +21,7 @@ from orchestrator.engine.compose import RunModel
 from orchestrator.engine.gradcache import cached_step
 from orchestrator.engine.scale import prepare
 from orchestrator.spec import resolve_trainer
+from orchestrator.testing import leave_rank
 from plugins.encoders.text_transformer import TextTransformer
 from plugins.encoders.vit import VisionTransformer
 from plugins.losses.infonce import InfoNCE
@@ -138,6 +139,7 @@ def _engine_rank(rank: int, port: int, out: str, configs: list[dict[str, Any]]) 
                         "first_grads": first_grads, "param_dtype": str(next(model.parameters()).dtype)})
         del engine
     Path(out).write_text(json.dumps(results))
+    leave_rank()
 
 
 @pytest.fixture(scope="module")

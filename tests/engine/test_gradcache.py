@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +21,11 @@ from torch import nn
 
 from orchestrator.engine.compose import RunModel
 from orchestrator.engine.gradcache import cached_step
+from orchestrator.testing import leave_rank
 from plugins.encoders.text_transformer import TextTransformer
 from plugins.encoders.vit import VisionTransformer
 from plugins.losses.infonce import InfoNCE
+from tests.conftest import free_port
 
 TOLERANCE = 1e-5
 
@@ -230,6 +231,7 @@ def _rank(rank: int, world: int, port: int, results: str) -> None:
                 cached.step()
         report[f"zero{zero}-{precision}"] = {"loss": loss_diff, "grad": grad_diff}
     Path(results, f"rank{rank}.json").write_text(json.dumps(report))
+    leave_rank()
 
 
 ENGINE_CONFIGS = [(0, "fp32"), (2, "fp32"), (0, "bf16")]
@@ -241,10 +243,7 @@ def test_two_gloo_processes_through_deepspeed(tmp_path: Path) -> None:
     under the engine's autocast, as the uncached forward does) within bf16's own rounding, 5e-2."""
     import torch.multiprocessing as mp
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_rank, args=(2, port, str(tmp_path)), nprocs=2)
+    mp.spawn(_rank, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     for rank in range(2):
         report = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert sorted(report) == sorted(f"zero{z}-{p}" for z, p in ENGINE_CONFIGS)

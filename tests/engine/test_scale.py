@@ -20,6 +20,7 @@ from orchestrator.errors import UserError
 from orchestrator.launch import Launch, command, environment, parse_gpus, plan, read_hostfile, worker_devices
 from orchestrator.runinfo import TIMING_METRICS
 from orchestrator.spec import TRAINER_OPTIONS, resolve_trainer
+from orchestrator.testing import leave_rank
 from plugins.encoders.text_transformer import TextTransformer
 from plugins.encoders.vit import VisionTransformer
 from plugins.losses.infonce import InfoNCE
@@ -260,6 +261,7 @@ def _clamp_rank(rank: int, world: int, port: int, out: str, configs: list[tuple[
                         "master": None if master is None else float(master.reshape(-1)[0])})
     if rank == 0:
         Path(out).write_text(json.dumps(results))
+    leave_rank()
 
 
 @pytest.mark.slow
