@@ -33,3 +33,8 @@ class RunInfo:
     @property
     def eval_report_path(self) -> Path:
         return self.run_dir / "final" / "eval.json"
+
+    @property
+    def stop_request_path(self) -> Path:
+        """Created by a worker told to stop: the ranks checkpoint at their next log step and exit."""
+        return self.run_dir / f"attempt-{self.attempt}.stop"

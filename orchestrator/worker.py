@@ -47,8 +47,9 @@ def worker_id() -> str:
 class Worker:
     def __init__(self, store: Store, root: Path, lease_seconds: float = 60.0, quiet: bool = False,
                  echo: Callable[[str], None] = print, gpus: Gpus | None = None, hostfile: Path | None = None,
-                 master_addr: str | None = None) -> None:
+                 master_addr: str | None = None, checkpoint_on_stop: float = 20.0) -> None:
         self.store, self.root, self.lease, self.quiet, self.echo = store, root, lease_seconds, quiet, echo
+        self.checkpoint_on_stop = checkpoint_on_stop  # seconds the ranks get to save before a stop stops them
         self.devices = worker_devices(gpus)  # checked before claiming anything: a wrong --gpus is one line
         self.hostfile = hostfile.absolute() if hostfile else None
         self.hosts = read_hostfile(self.hostfile) if self.hostfile else None
@@ -62,7 +63,8 @@ class Worker:
 
     def stop_on_signals(self) -> None:
         """SIGTERM (a scheduler's preemption, `docker stop`) and SIGINT (Ctrl-C) stop this worker once the run it
-        holds is back in the queue; a second signal stops it at once (the run's lease then expires)."""
+        holds has saved a checkpoint (within ``checkpoint_on_stop`` seconds) and is back in the queue; a second
+        signal stops it at once (the run's lease then expires)."""
         def stop(signum: int, _frame: object) -> None:
             if self.stop_signal is not None:
                 raise KeyboardInterrupt
@@ -126,9 +128,10 @@ class Worker:
         with open(log_path, "ab") as log, _ExportFile(env, launch.multi_node) as exports:
             argv = command(launch, train_args, self.hostfile, _free_port() if launch.multi_node else None,
                            self.master_addr)
+            # a session of their own: Ctrl-C in a terminal reaches this worker, which asks them for a checkpoint
             proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=exports.env,
-                                    preexec_fn=_die_with_parent, cwd=os.getcwd(), start_new_session=launch.multi_node)
-            held = self._follow(proc, claim, run)
+                                    preexec_fn=_die_with_parent, cwd=os.getcwd(), start_new_session=True)
+            held = self._follow(proc, claim, run, self._info(run["id"], claim.attempt).stop_request_path)
         return self._finish(proc.returncode, held, claim, run, log_path)
 
     def _usable_checkpoint(self, claim: Claim) -> dict[str, Any] | None:
@@ -142,16 +145,25 @@ class Worker:
                       f"falling back to the previous one")
         return None
 
-    def _follow(self, proc: subprocess.Popen, claim: Claim, run: dict[str, Any]) -> bool:
-        """Heartbeat while the ranks train; stop them if the run is cancelled or the lease is lost."""
+    def _follow(self, proc: subprocess.Popen, claim: Claim, run: dict[str, Any], stop_request: Path) -> bool:
+        """Heartbeat while the ranks train; stop them if the run is cancelled or the lease is lost. Told to stop,
+        ask them to checkpoint at their next log step and exit; stop them if they take too long."""
         beat = max(1.0, self.lease / 4)
         last_beat = time.monotonic()
+        asked_at = None
         with _ProgressBar(run["spec"]["trainer"]["steps"], enabled=not self.quiet) as bar:
             while proc.poll() is None:
                 time.sleep(0.5)
                 if self.stop_signal is not None:
-                    _stop(proc)
-                    break
+                    if asked_at is None:
+                        asked_at = time.monotonic()
+                        if self.checkpoint_on_stop > 0:
+                            stop_request.touch()
+                            self.echo(f"run {run['id']}: saving a checkpoint before stopping (up to "
+                                      f"{self.checkpoint_on_stop:g} s; signal again to stop at once)")
+                    if time.monotonic() - asked_at >= self.checkpoint_on_stop:
+                        _stop(proc)
+                        break
                 try:
                     if time.monotonic() - last_beat >= beat:
                         last_beat = time.monotonic()
@@ -306,10 +318,7 @@ def _crash_reason(path: Path) -> str:
 
 
 def _stop(proc: subprocess.Popen) -> None:
-    if os.getpgid(proc.pid) == proc.pid:  # DeepSpeed's runner leads its own group: its launcher goes too
-        os.killpg(proc.pid, signal.SIGTERM)
-    else:
-        proc.send_signal(signal.SIGTERM)
+    os.killpg(proc.pid, signal.SIGTERM)  # the launcher leads its own group (execute): its ranks go too
     try:
         proc.wait(timeout=30)
     except subprocess.TimeoutExpired:

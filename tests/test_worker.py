@@ -114,25 +114,29 @@ def test_queue_and_cancel_while_a_worker_runs(workdir: Path) -> None:
     assert not training_processes(workdir / "runs" / "1")
 
 
-@pytest.mark.parametrize("command, signum, whole_group", [("worker", signal.SIGTERM, False),
-                                                      ("run", signal.SIGINT, True)])
-def test_a_stopped_worker_hands_its_run_back_to_the_queue(workdir: Path, command: str, signum: int,
-                                                          whole_group: bool) -> None:
+@pytest.mark.parametrize("command, signum, whole_group, grace, processes",
+                         [("worker", signal.SIGTERM, False, 60, 1), ("run", signal.SIGINT, True, 60, 2),
+                          ("worker", signal.SIGTERM, False, 0, 1)],
+                         ids=["sigterm-worker", "ctrl-c-2-processes", "no-checkpoint"])
+def test_a_stopped_worker_checkpoints_and_hands_its_run_back_to_the_queue(workdir: Path, command: str, signum: int,
+                                                                         whole_group: bool, grace: int,
+                                                                         processes: int) -> None:
     """SIGTERM (a scheduler's preemption, `docker stop`) to `orch worker`, or Ctrl-C in the terminal of `orch run`
-    (SIGINT to the whole foreground group, ranks included): the ranks stop, the run is queued again at once, from
-    its last checkpoint, and the stop does not count against --max-attempts. Before, the run stayed `running`
-    until its lease expired and then counted as a crash."""
-    args = [*SMALL, "--steps", "2000", "--checkpoint-every", "4", "--log-every", "2"]
+    (SIGINT to its whole foreground group) of a 2-process run: the ranks agree on their next log step, save a
+    checkpoint there and exit, the run is queued again at once, the stop does not count against --max-attempts,
+    and the next worker resumes it to the end an uninterrupted run reaches. With --checkpoint-on-stop 0 the ranks
+    stop at once: the run resumes from its last periodic checkpoint (none here)."""
+    spec = [*SMALL, "--steps", "200", "--checkpoint-every", "0", "--log-every", "2", "--gpus", str(processes)]
+    stop = ["--checkpoint-on-stop", str(grace), "--quiet"]
     if command == "worker":
-        assert orch("queue", *args, cwd=workdir).returncode == 0
-        argv = ["worker"]
+        assert orch("queue", *spec, cwd=workdir).returncode == 0
+        argv = ["worker", *stop]
     else:
-        argv = ["run", *args]
-    store_path = workdir / "experiments.db"
-    proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", *argv, "--quiet"], cwd=workdir,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    wait_until(lambda: store_path.exists() and Store.open(f"sqlite:///{store_path}").latest_checkpoint(1), 300,
-               "run 1's first checkpoint")
+        argv = ["run", *spec, *stop]
+    store = Store.open(f"sqlite:///{workdir}/experiments.db")
+    proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", *argv], cwd=workdir, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    wait_until(lambda: store.progress(1).get("step", 0) >= 4, 300, "run 1 to train")
     if whole_group:
         os.killpg(proc.pid, signum)
     else:
@@ -140,15 +144,32 @@ def test_a_stopped_worker_hands_its_run_back_to_the_queue(workdir: Path, command
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signum, out + err
     assert not training_processes(workdir / "runs" / "1")
-    store = Store.open(f"sqlite:///{store_path}")
     run = store.run(1)
     assert (run["status"], run["failures"], run["lease_owner"]) == ("queued", 0, None), run
     reason = f"the worker was stopped ({signal.Signals(signum).name})"
     assert [(a["outcome"], a["error"]) for a in store.attempts(1)] == [("interrupted", reason)]
-    step = store.latest_checkpoint(1)["step"]
-    assert f"run 1 interrupted: {reason}; back in the queue, resumed from step {step} by the next worker" in out
     assert "Traceback" not in err
-    assert store.claim("next-worker", 60) == Claim(1, 2)  # at once, not after the 60 s lease
+    if not grace:
+        assert store.latest_checkpoint(1) is None and "saving a checkpoint" not in out
+        assert f"run 1 interrupted: {reason}; back in the queue, resumed from the start by the next worker" in out
+        assert store.claim("next-worker", 60) == Claim(1, 2)  # at once, not after the 60 s lease
+        return
+
+    step = store.latest_checkpoint(1)["step"]
+    assert 4 <= step < 200 and step % 2 == 0, step  # a log step, where the ranks agree to stop
+    assert "run 1: saving a checkpoint before stopping" in out
+    assert f"run 1 interrupted: {reason}; back in the queue, resumed from step {step} by the next worker" in out
+    log = (workdir / "runs" / "1" / "attempt-1.log").read_text()
+    assert f"orch: stopping as the worker asked: checkpoint saved at step {step}" in log
+    resumed = orch("worker", "--quiet", cwd=workdir)  # at once: the run is queued, not waiting for a lease
+    assert resumed.returncode == 0 and f"resuming from step {step}" in resumed.stdout, resumed.stdout
+    assert [a["outcome"] for a in store.attempts(1)] == ["interrupted", "finished"]
+
+    assert orch("queue", *spec, "--again", cwd=workdir).returncode == 0
+    assert orch("worker", "--quiet", cwd=workdir).returncode == 0
+    stopped, clean = store.metrics(1), store.metrics(2)
+    assert [(m["name"], m["step"]) for m in stopped] == [(m["name"], m["step"]) for m in clean]
+    assert _comparable(store.final_metrics(1)) == _comparable(store.final_metrics(2))  # bitwise on CPU
 
 
 def test_a_cancel_that_rank_0_sees_first_ends_as_cancelled_everywhere(workdir: Path) -> None:

@@ -4,7 +4,8 @@ Launched by the worker, one process per GPU (or gloo processes on the CPU), with
 ``run_dir/spec.json``. Rank 0 writes metrics and checkpoints to the store (fenced by the attempt) and
 calls the lifecycle hooks; the worker owns the run's state transitions.
 
-Exit codes: 0 finished, 2 failed for good (reason in ``attempt-N.result.json``), 3 fenced off. Rank 0 also
+Exit codes: 0 finished, 2 failed for good (reason in ``attempt-N.result.json``), 3 fenced off, 4 stopped at
+the worker's request (``attempt-N.stop``) after a checkpoint. Rank 0 also
 writes ``{"finished": true}`` there once every rank is done, so a rank that dies while the interpreter shuts
 down (gloo's threads can abort it then) does not turn a finished run into a retried one.
 """
@@ -59,12 +60,16 @@ from orchestrator.registry import Registry
 from orchestrator.runinfo import RunInfo
 from orchestrator.store import Claim, Fenced, Store
 
-EXIT_FAILED, EXIT_FENCED = 2, 3
+EXIT_FAILED, EXIT_FENCED, EXIT_STOPPED = 2, 3, 4
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class NonFiniteLoss(Exception):
     pass
+
+
+class Stopped(Exception):
+    """The worker asked the ranks to stop: they saved a checkpoint at this step, the next attempt resumes it."""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -88,6 +93,10 @@ def main(argv: list[str] | None = None) -> int:
     except Fenced as exc:
         print(f"orch: stopping: {exc}", file=sys.stderr)
         return EXIT_FENCED
+    except Stopped as exc:
+        if rank == 0:
+            print(f"orch: stopping as the worker asked: {exc}", flush=True)
+        return EXIT_STOPPED
     except (UserError, NonFiniteLoss) as exc:
         return _fail(run, registry, rank, str(exc))
     except torch.cuda.OutOfMemoryError as exc:
@@ -210,8 +219,12 @@ def train(spec: dict[str, Any], registry: Registry, run: RunInfo, store: Store |
 
             logging = step % trainer["log_every"] == 0 or step == trainer["steps"]
             saving = trainer["checkpoint_every"] and step % trainer["checkpoint_every"] == 0 or step == trainer["steps"]
+            stopping = False
             if logging or saving:  # never log or checkpoint a diverged model
-                scalars = _mean_over_ranks(interval, interval_steps)
+                # the worker's stop request reaches every rank with the loss terms: all save at this same step
+                scalars, stopping = _mean_over_ranks(interval, interval_steps,
+                                                     rank == 0 and run.stop_request_path.exists())
+                saving = saving or stopping
                 bad = {k: v for k, v in scalars.items() if not np.isfinite(v)}
                 if bad:
                     terms = ", ".join(f"{k}={v}" for k, v in bad.items())
@@ -242,6 +255,11 @@ def train(spec: dict[str, Any], registry: Registry, run: RunInfo, store: Store |
             if saving:
                 rank_state = {"rng": _get_rng(), "interval": interval, "interval_steps": interval_steps}
                 _save(engine, comp, checkpoints, step, epoch, batch_in_epoch, reporter, rank, rank_state)
+            if stopping:
+                if reporter:
+                    reporter.close()
+                dist.destroy_process_group()  # every rank is past the save's barrier
+                raise Stopped(f"checkpoint saved at step {step}")
             if step >= trainer["steps"]:
                 break
         epoch, batch_in_epoch = epoch + 1, 0
@@ -431,13 +449,16 @@ def _add_to_interval(interval: dict[str, torch.Tensor], out: dict[str, torch.Ten
         interval[key] = interval.get(key, 0) + (value / accum if accum > 1 else value)
 
 
-def _mean_over_ranks(sums: dict[str, torch.Tensor], steps: int) -> dict[str, float]:
+def _mean_over_ranks(sums: dict[str, torch.Tensor], steps: int, stop: bool) -> tuple[dict[str, float], bool]:
+    """The interval's mean loss terms over ranks, and whether any rank was asked to stop: one all_reduce."""
     keys = sorted(sums)
     values = torch.stack([sums[k].reshape(()) for k in keys]) / steps
+    values = torch.cat([values, values.new_tensor([float(stop)])])
     if dist.get_world_size() > 1:
         dist.all_reduce(values)
-        values /= dist.get_world_size()
-    return dict(zip(keys, values.cpu().tolist()))
+        values[:-1] /= dist.get_world_size()
+    *means, stops = values.cpu().tolist()
+    return dict(zip(keys, means)), stops > 0
 
 
 def _evaluate(comp: Composition, model: RunModel, device: torch.device, precision: str,
