@@ -5,9 +5,9 @@ Launched by the worker, one process per GPU (or gloo processes on the CPU), with
 calls the lifecycle hooks; the worker owns the run's state transitions.
 
 Exit codes: 0 finished, 2 failed for good (reason in ``attempt-N.result.json``), 3 fenced off, 4 stopped at
-the worker's request (``attempt-N.stop``) after a checkpoint. Rank 0 also
-writes ``{"finished": true}`` there once every rank is done, so a rank that dies while the interpreter shuts
-down (gloo's threads can abort it then) does not turn a finished run into a retried one.
+the worker's request (``attempt-N.stop``) after saving a checkpoint. Once every rank is done, rank 0 writes
+``{"finished": true}`` to ``attempt-N.result.json``: a rank that dies while its interpreter shuts down (gloo's
+threads can abort it then) does not turn a finished run into a retried one.
 """
 
 from __future__ import annotations
