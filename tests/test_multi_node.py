@@ -120,3 +120,25 @@ def test_cancel_stops_the_ranks_on_every_node(workdir: Path, nodes: Nodes) -> No
     assert store.run(1)["status"] == "cancelled"
     wait_until(lambda: not training_processes(run_dir), 60, "the ranks on both nodes to exit")
     assert store.progress(1)["step"] < 2000
+
+
+def test_a_stopped_worker_has_both_nodes_checkpoint_the_run(workdir: Path, nodes: Nodes) -> None:
+    """SIGTERM to the worker: the stop request reaches the rank on the other node with the loss terms, both
+    ranks save the same step and exit, and the run is queued again from that checkpoint."""
+    assert orch("queue", *SMALL, "--steps", "2000", "--log-every", "2", "--checkpoint-every", "0", cwd=workdir,
+                env=nodes.env).returncode == 0
+    store = Store.open(nodes.store_url)
+    worker = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "worker", "--hostfile", "hosts",
+                               "--master-addr", "127.0.0.1", "--checkpoint-on-stop", "60", "--quiet"], cwd=workdir,
+                              stdout=subprocess.PIPE, text=True, env={**os.environ, **nodes.env})
+    run_dir = workdir / "runs" / "1"
+    wait_until(lambda: store.progress(1).get("step", 0) >= 4, 300, "run 1 to train on both nodes")
+    worker.terminate()
+    out, _ = worker.communicate(timeout=300)
+    assert worker.returncode == 143, out
+    checkpoint = store.latest_checkpoint(1)
+    assert checkpoint and checkpoint["step"] >= 4 and checkpoint["step"] % 2 == 0, checkpoint
+    assert (Path(checkpoint["path"]) / "rank0.pt").exists() and (Path(checkpoint["path"]) / "rank1.pt").exists()
+    assert f"resumed from step {checkpoint['step']} by the next worker" in out
+    assert store.run(1)["status"] == "queued"
+    wait_until(lambda: not training_processes(run_dir), 60, "the ranks on both nodes to exit")
