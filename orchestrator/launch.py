@@ -9,6 +9,7 @@ launch time; with ``orch worker --hostfile`` it means every slot of every host.
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import os
 import re
@@ -23,8 +24,17 @@ from typing import Literal
 from orchestrator.errors import UserError
 
 ALL = "all"
+# set for ranks on one machine: SIGTERM to a rank asks for a checkpoint at its next log step (engine/train.py)
+CHECKPOINT_ON_SIGTERM = "ORCH_CHECKPOINT_ON_SIGTERM"
 Gpus = int | Literal["all"]
 _HOST_LINE = re.compile(r"^(\S+)\s+slots=(\d+)\s*$")
+
+
+def die_with_parent(signum: int) -> None:
+    """Have the kernel send this process ``signum`` when its parent dies (PR_SET_PDEATHSIG), so that no training
+    process outlives the one that started it, even when that one dies by SIGKILL."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signum)
 
 
 def parse_gpus(text: str) -> Gpus:

@@ -6,6 +6,7 @@ machine; several launched with torchrun) only write metrics and checkpoints, fen
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -17,6 +18,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +26,17 @@ from sqlalchemy.exc import DBAPIError
 
 from orchestrator.engine.checkpoint import verify
 from orchestrator.errors import UserError
-from orchestrator.launch import Gpus, command, environment, is_this_machine, plan, read_hostfile, worker_devices
+from orchestrator.launch import (
+    CHECKPOINT_ON_SIGTERM,
+    Gpus,
+    command,
+    die_with_parent,
+    environment,
+    is_this_machine,
+    plan,
+    read_hostfile,
+    worker_devices,
+)
 from orchestrator.registry import Registry
 from orchestrator.runinfo import RunInfo
 from orchestrator.store import STORE_ENV, Claim, Fenced, Store
@@ -125,14 +137,20 @@ class Worker:
             train_args += ["--resume-tag", Path(checkpoint["path"]).name]
         env = {**os.environ, **environment(launch), "PYTHONUNBUFFERED": "1",
                STORE_ENV: self.store.url}  # not argv: ps shows argv
+        if self.checkpoint_on_stop > 0 and not launch.multi_node:  # across hosts, the runner relays SIGTERM to
+            env[CHECKPOINT_ON_SIGTERM] = "1"  # stop the ranks (_stop): there it must stay a hard stop
+        # this worker's death takes the launcher down; DeepSpeed's runner needs SIGTERM to relay it to its hosts
+        parent_death = signal.SIGTERM if launch.multi_node else signal.SIGKILL
+        info = self._info(run["id"], claim.attempt)
         with open(log_path, "ab") as log, _ExportFile(env, launch.multi_node) as exports:
             argv = command(launch, train_args, self.hostfile, _free_port() if launch.multi_node else None,
                            self.master_addr)
             # a session of their own: Ctrl-C in a terminal reaches this worker, which asks them for a checkpoint
             proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=exports.env,
-                                    preexec_fn=_die_with_parent, cwd=os.getcwd(), start_new_session=True)
-            held = self._follow(proc, claim, run, self._info(run["id"], claim.attempt).stop_request_path)
-        return self._finish(proc.returncode, held, claim, run, log_path)
+                                    preexec_fn=partial(die_with_parent, parent_death), cwd=os.getcwd(),
+                                    start_new_session=True)
+            held = self._follow(proc, claim, run, info.stop_request_path, launch.multi_node)
+        return self._finish(proc.returncode, held, claim, run, info, log_path)
 
     def _usable_checkpoint(self, claim: Claim) -> dict[str, Any] | None:
         """The latest valid checkpoint whose files are whole; damaged ones are invalidated, with a word."""
@@ -145,7 +163,8 @@ class Worker:
                       f"falling back to the previous one")
         return None
 
-    def _follow(self, proc: subprocess.Popen, claim: Claim, run: dict[str, Any], stop_request: Path) -> bool:
+    def _follow(self, proc: subprocess.Popen, claim: Claim, run: dict[str, Any], stop_request: Path,
+                multi_node: bool) -> bool:
         """Heartbeat while the ranks train; stop them if the run is cancelled or the lease is lost. Told to stop,
         ask them to checkpoint at their next log step and exit; stop them if they take too long."""
         beat = max(1.0, self.lease / 4)
@@ -162,13 +181,13 @@ class Worker:
                             self.echo(f"run {run['id']}: saving a checkpoint before stopping (up to "
                                       f"{self.checkpoint_on_stop:g} s; signal again to stop at once)")
                     if time.monotonic() - asked_at >= self.checkpoint_on_stop:
-                        _stop(proc)
+                        _stop(proc, multi_node)
                         break
                 try:
                     if time.monotonic() - last_beat >= beat:
                         last_beat = time.monotonic()
                         if not self.store.heartbeat(claim, self.lease):
-                            _stop(proc)
+                            _stop(proc, multi_node)
                             return False
                     if bar.enabled:
                         bar.update(self.store.progress(run["id"]))
@@ -176,10 +195,9 @@ class Worker:
                     self.echo(f"run {run['id']}: store unreachable ({type(exc.orig).__name__}); retrying")
         return True
 
-    def _finish(self, code: int, held: bool, claim: Claim, run: dict[str, Any], log_path: Path) -> str:
-        info = self._info(run["id"], claim.attempt)
+    def _finish(self, code: int, held: bool, claim: Claim, run: dict[str, Any], info: RunInfo, log_path: Path) -> str:
         result = log_path.with_name(f"attempt-{claim.attempt}.result.json")
-        outcome = json.loads(result.read_text()) if result.exists() else {}  # rank 0's last word, if any
+        outcome = json.loads(result.read_text()) if result.exists() else {}  # rank 0's last word (written whole)
         try:
             if code == 0 or outcome.get("finished"):
                 status = self.store.end_attempt(claim, "finished")
@@ -204,8 +222,12 @@ class Worker:
                 return status
             if not held:  # the heartbeat was refused and nobody cancelled the run: the lease was lost
                 raise Fenced(f"run {run['id']} attempt {claim.attempt} lost its lease")
-            if self.stop_signal is not None:  # told to stop: the run goes back to the queue, no failure counted
-                reason = f"the worker was stopped ({signal.Signals(self.stop_signal).name})"
+            # told to stop, or the ranks got SIGTERM themselves and saved: back to the queue, no failure counted
+            if self.stop_signal is not None or "stopped" in outcome:
+                if self.stop_signal is not None:
+                    reason = f"the worker was stopped ({signal.Signals(self.stop_signal).name})"
+                else:
+                    reason = f"its training processes got SIGTERM and saved step {outcome['stopped']}"
                 status = self.store.end_attempt(claim, "interrupted", reason)
                 checkpoint = self.store.latest_checkpoint(run["id"])
                 where = f"from step {checkpoint['step']}" if checkpoint else "from the start"
@@ -317,18 +339,15 @@ def _crash_reason(path: Path) -> str:
     return (errors[-1] if errors else lines[-1] if lines else "no output")[:500]
 
 
-def _stop(proc: subprocess.Popen) -> None:
-    os.killpg(proc.pid, signal.SIGTERM)  # the launcher leads its own group (execute): its ranks go too
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
-def _die_with_parent() -> None:
-    """The launcher gets SIGTERM when this worker dies (even by SIGKILL), and takes its ranks down."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+def _stop(proc: subprocess.Popen, multi_node: bool) -> None:
+    """Stop an attempt now (a cancel, a lost lease, a stop past its checkpoint time): SIGKILL, since SIGTERM may only
+    ask the ranks for a checkpoint, to the launcher's group (it leads its own, see execute); ranks and loader
+    workers outside it (torchrun gives each rank a session) follow by their parent-death signal. Across hosts,
+    SIGTERM first: DeepSpeed's runner relays it through pdsh to every host, where it stops the ranks."""
+    if multi_node:
+        os.killpg(proc.pid, signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=30)
+    with contextlib.suppress(ProcessLookupError):  # the group is already gone
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()

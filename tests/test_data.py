@@ -1,9 +1,15 @@
 """orchestrator.data: labelled splits, captions and the fixed held-out split."""
 
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
 import pytest
 import torch
 
-from orchestrator.data import LabelledSplit, caption, held_out, labelled_splits
+from orchestrator.data import LabelledSplit, caption, held_out, labelled_splits, loader_worker_init
 
 NAMES = ["cat", "dog", "eel"]
 TEMPLATES = ["a photo of a {}.", "a drawing of a {}."]
@@ -56,3 +62,51 @@ def test_labelled_splits_caption_by_global_index():
     assert test.labels == [0, 1, 2] and [float(test[i]["image"]) for i in range(3)] == [3.0, 4.0, 5.0]
     assert test.captions == ["a drawing of a cat.", "a photo of a dog.", "a drawing of a eel."]
     assert train.captions == ["a photo of a cat.", "a drawing of a dog.", "a photo of a eel."]
+
+
+class _Slow(torch.utils.data.Dataset):
+    def __len__(self) -> int:
+        return 6
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        time.sleep(0.2)  # the worker is busy when the signal comes
+        return torch.tensor(i)
+
+
+def test_a_loader_worker_outlives_sigterm_to_every_process():
+    """systemd and Slurm signal every process: the rank is saving its checkpoint, so its loader worker must not die
+    under it (without the init, torch raises "DataLoader worker (pid N) is killed by signal: Terminated")."""
+    loader = torch.utils.data.DataLoader(_Slow(), batch_size=1, num_workers=1, worker_init_fn=loader_worker_init)
+    batches = iter(loader)
+    got = [int(next(batches))]
+    (worker,) = psutil.Process().children()
+    worker.send_signal(signal.SIGTERM)
+    got += [int(b) for b in batches]
+    assert got == list(range(6))
+
+
+def test_a_loader_worker_dies_with_its_rank_at_once(tmp_path):
+    """A rank stopped by SIGKILL (a cancel, a lost lease) takes its loader workers along, not after torch's 5 s."""
+    script = (
+        "import sys, time, torch\n"
+        "from orchestrator.data import loader_worker_init\n"
+        "loader = torch.utils.data.DataLoader(range(100), num_workers=1, worker_init_fn=loader_worker_init,\n"
+        "                                     persistent_workers=True)\n"
+        "next(iter(loader)); print('ready', flush=True); time.sleep(60)\n"
+    )
+    rank = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    assert rank.stdout.readline().strip() == "ready"
+    (worker,) = psutil.Process(rank.pid).children()
+    rank.kill()
+    rank.wait()
+    deadline = time.monotonic() + 1
+    while not _dead(worker):
+        assert time.monotonic() < deadline, "the loader worker outlived its rank"
+        time.sleep(0.05)
+
+
+def _dead(process: psutil.Process) -> bool:
+    try:
+        return process.status() == psutil.STATUS_ZOMBIE  # an orphan waits for init to reap it
+    except psutil.NoSuchProcess:
+        return True

@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 from mlflow import MlflowClient
 from mlflow.entities import Run
@@ -97,7 +98,10 @@ def test_two_process_gloo_run_end_to_end(workdir: Path) -> None:
 
 
 def test_queue_and_cancel_while_a_worker_runs(workdir: Path) -> None:
-    assert orch("queue", *SMALL, "--steps", "400", "--log-every", "5", cwd=workdir).returncode == 0
+    """A cancel stops every process of the run before the worker moves on: 2 ranks (torchrun starts each in a
+    session of its own) and their loader workers, which die with their rank."""
+    spec = [*SMALL, "--steps", "400", "--log-every", "5", "--gpus", "2", "--workers", "1"]
+    assert orch("queue", *spec, cwd=workdir).returncode == 0
     store = Store.open(f"sqlite:///{workdir}/experiments.db")
     worker = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "worker", "--lease", "4", "--quiet"],
                               cwd=workdir, stdout=subprocess.PIPE, text=True)
@@ -105,28 +109,55 @@ def test_queue_and_cancel_while_a_worker_runs(workdir: Path) -> None:
     assert orch("queue", *SMALL, "--steps", "2", cwd=workdir).returncode == 0  # queued while the worker is busy
     cancelled = orch("cancel", "1", cwd=workdir)
     assert "its worker stops it" in cancelled.stdout
+    lines = iter(worker.stdout.readline, "")
+    assert any(line.startswith("run 1 cancelled") for line in lines)
+    # at once: a loader worker that outlived its rank would linger for torch's 5 s watchdog
+    wait_until(lambda: not training_processes(workdir / "runs" / "1"), 1, "run 1's processes to exit")
     out, _ = worker.communicate(timeout=300)
     assert worker.returncode == 0
-    assert "run 1 cancelled" in out and "run 2 finished" in out
+    assert "run 2 finished" in out
     assert store.run(1)["status"] == "cancelled" and store.run(2)["status"] == "finished"
     assert [a["outcome"] for a in store.attempts(1)] == ["cancelled"]
     assert store.progress(1)["step"] < 400
-    assert not training_processes(workdir / "runs" / "1")
 
 
-@pytest.mark.parametrize("command, signum, whole_group, grace, processes",
-                         [("worker", signal.SIGTERM, False, 60, 1), ("run", signal.SIGINT, True, 60, 2),
-                          ("worker", signal.SIGTERM, False, 0, 1)],
-                         ids=["sigterm-worker", "ctrl-c-2-processes", "no-checkpoint"])
+def _signal_every_process(root: psutil.Process, signum: int) -> list[str]:
+    """What systemd's default KillMode and a plain `scancel` do: the signal to every process at once (here the
+    worker, its launcher, the ranks and their loader workers). Returns the command lines of those under ``root``."""
+    processes = [root, *root.children(recursive=True)]
+    commands = [" ".join(p.cmdline()) for p in processes[1:]]  # before any of them can exit
+    for proc in processes:
+        proc.send_signal(signum)
+    return commands
+
+
+def _resumes_like_an_uninterrupted_run(workdir: Path, store: Store, spec: list[str]) -> None:
+    """Run 1 was stopped and resumed; a second, uninterrupted run of the same spec logs the same (name, step) pairs
+    and ends with the same metrics, bit for bit on the CPU."""
+    assert orch("queue", *spec, "--again", cwd=workdir).returncode == 0
+    assert orch("worker", "--quiet", cwd=workdir).returncode == 0
+    stopped, clean = store.metrics(1), store.metrics(2)
+    assert [(m["name"], m["step"]) for m in stopped] == [(m["name"], m["step"]) for m in clean]
+    assert _comparable(store.final_metrics(1)) == _comparable(store.final_metrics(2))
+
+
+@pytest.mark.parametrize("command, signum, target, grace, processes",
+                         [("worker", signal.SIGTERM, "worker", 60, 1), ("run", signal.SIGINT, "group", 60, 2),
+                          ("worker", signal.SIGTERM, "every-process", 60, 2),
+                          ("worker", signal.SIGTERM, "worker", 0, 1)],
+                         ids=["sigterm-worker", "ctrl-c-2-processes", "sigterm-every-process", "no-checkpoint"])
 def test_a_stopped_worker_checkpoints_and_hands_its_run_back_to_the_queue(workdir: Path, command: str, signum: int,
-                                                                         whole_group: bool, grace: int,
+                                                                         target: str, grace: int,
                                                                          processes: int) -> None:
-    """SIGTERM (a scheduler's preemption, `docker stop`) to `orch worker`, or Ctrl-C in the terminal of `orch run`
-    (SIGINT to its whole foreground group) of a 2-process run: the ranks agree on their next log step, save a
+    """SIGTERM (a scheduler's preemption, `docker stop`) to `orch worker`; Ctrl-C in the terminal of `orch run`
+    (SIGINT to its whole foreground group) of a 2-process run; SIGTERM to every process of a 2-process run with a
+    loader worker each (systemd's default, a plain `scancel`): the ranks agree on their next log step, save a
     checkpoint there and exit, the run is queued again at once, the stop does not count against --max-attempts,
     and the next worker resumes it to the end an uninterrupted run reaches. With --checkpoint-on-stop 0 the ranks
     stop at once: the run resumes from its last periodic checkpoint (none here)."""
     spec = [*SMALL, "--steps", "200", "--checkpoint-every", "0", "--log-every", "2", "--gpus", str(processes)]
+    if target == "every-process":
+        spec += ["--workers", "1"]
     stop = ["--checkpoint-on-stop", str(grace), "--quiet"]
     if command == "worker":
         assert orch("queue", *spec, cwd=workdir).returncode == 0
@@ -137,8 +168,12 @@ def test_a_stopped_worker_checkpoints_and_hands_its_run_back_to_the_queue(workdi
     proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", *argv], cwd=workdir, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
     wait_until(lambda: store.progress(1).get("step", 0) >= 4, 300, "run 1 to train")
-    if whole_group:
+    if target == "group":
         os.killpg(proc.pid, signum)
+    elif target == "every-process":
+        names = _signal_every_process(psutil.Process(proc.pid), signum)
+        # two ranks and a loader worker each (forked: the same command line), besides torchrun
+        assert sum("orchestrator.engine.train" in n and "torch.distributed.run" not in n for n in names) >= 4, names
     else:
         proc.send_signal(signum)
     out, err = proc.communicate(timeout=120)
@@ -160,16 +195,35 @@ def test_a_stopped_worker_checkpoints_and_hands_its_run_back_to_the_queue(workdi
     assert "run 1: saving a checkpoint before stopping" in out
     assert f"run 1 interrupted: {reason}; back in the queue, resumed from step {step} by the next worker" in out
     log = (workdir / "runs" / "1" / "attempt-1.log").read_text()
-    assert f"orch: stopping as the worker asked: checkpoint saved at step {step}" in log
+    assert f"orch: stopping as asked: checkpoint saved at step {step}" in log
+    assert "DataLoader worker" not in log  # none died under its rank (torch: "DataLoader worker (pid N) is killed")
     resumed = orch("worker", "--quiet", cwd=workdir)  # at once: the run is queued, not waiting for a lease
     assert resumed.returncode == 0 and f"resuming from step {step}" in resumed.stdout, resumed.stdout
     assert [a["outcome"] for a in store.attempts(1)] == ["interrupted", "finished"]
+    _resumes_like_an_uninterrupted_run(workdir, store, spec)
 
-    assert orch("queue", *spec, "--again", cwd=workdir).returncode == 0
-    assert orch("worker", "--quiet", cwd=workdir).returncode == 0
-    stopped, clean = store.metrics(1), store.metrics(2)
-    assert [(m["name"], m["step"]) for m in stopped] == [(m["name"], m["step"]) for m in clean]
-    assert _comparable(store.final_metrics(1)) == _comparable(store.final_metrics(2))  # bitwise on CPU
+
+def test_sigterm_to_the_ranks_alone_checkpoints_and_the_worker_resumes_the_run(workdir: Path) -> None:
+    """SIGTERM that reaches only the training processes (an operator's `kill`, a node agent): they save at their
+    next log step and exit as when their worker asks; the worker, not stopped itself, counts no failure and
+    resumes the run from that checkpoint at once, to the end an uninterrupted run reaches."""
+    spec = [*SMALL, "--steps", "120", "--checkpoint-every", "0", "--log-every", "2"]
+    store = Store.open(f"sqlite:///{workdir}/experiments.db")
+    proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "run", *spec, "--quiet"], cwd=workdir,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_until(lambda: store.progress(1).get("step", 0) >= 4, 300, "run 1 to train")
+    ranks = training_processes(workdir / "runs" / "1")
+    assert len(ranks) == 1  # one process: the rank itself, no launcher
+    ranks[0].send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out + err
+    attempts = store.attempts(1)
+    assert [a["outcome"] for a in attempts] == ["interrupted", "finished"], attempts
+    step = int(attempts[0]["error"].rsplit(" ", 1)[1])
+    assert attempts[0]["error"] == f"its training processes got SIGTERM and saved step {step}"
+    assert 4 <= step < 120 and step % 2 == 0, step
+    assert f"resuming from step {step}" in out and store.run(1)["failures"] == 0
+    _resumes_like_an_uninterrupted_run(workdir, store, spec)
 
 
 def test_a_cancel_that_rank_0_sees_first_ends_as_cancelled_everywhere(workdir: Path) -> None:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import dataclasses
 import json
 import os
@@ -35,6 +34,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from orchestrator.data import loader_worker_init
 from orchestrator.engine.checkpoint import (
     UNIVERSAL,
     is_disk_full,
@@ -56,6 +56,7 @@ from orchestrator.engine.evaluation import EvalContext
 from orchestrator.engine.gradcache import engine_cached_step
 from orchestrator.engine.scale import prepare, run_after_step
 from orchestrator.errors import UserError
+from orchestrator.launch import CHECKPOINT_ON_SIGTERM, die_with_parent
 from orchestrator.registry import Registry
 from orchestrator.runinfo import RunInfo
 from orchestrator.store import Claim, Fenced, Store
@@ -69,7 +70,12 @@ class NonFiniteLoss(Exception):
 
 
 class Stopped(Exception):
-    """The worker asked the ranks to stop: they saved a checkpoint at this step, the next attempt resumes it."""
+    """The ranks were asked to stop: they saved a checkpoint at this step, the next attempt resumes it."""
+
+
+# SIGTERM to the ranks themselves (systemd's default KillMode and a plain `scancel` signal every process): with
+# ORCH_CHECKPOINT_ON_SIGTERM set, a rank notes it and stops as when its worker asks; a hard stop is SIGKILL
+_signalled = threading.Event()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -78,7 +84,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--attempt", type=int, required=True)
     parser.add_argument("--resume-tag", default=None)
     args = parser.parse_args(argv)
-    _die_with_parent()
+    die_with_parent(signal.SIGKILL)  # the launcher died: stop at once, not as an orphan (SIGTERM may only ask)
+    if os.environ.get(CHECKPOINT_ON_SIGTERM):
+        signal.signal(signal.SIGTERM, lambda signum, frame: _signalled.set())
 
     meta = json.loads((args.run_dir / "run.json").read_text())
     spec = json.loads((args.run_dir / "spec.json").read_text())
@@ -95,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_FENCED
     except Stopped as exc:
         if rank == 0:
-            print(f"orch: stopping as the worker asked: {exc}", flush=True)
+            print(f"orch: stopping as asked: {exc}", flush=True)
         return EXIT_STOPPED
     except (UserError, NonFiniteLoss) as exc:
         return _fail(run, registry, rank, str(exc))
@@ -119,7 +127,10 @@ def _fail(run: RunInfo, registry: Registry, rank: int, reason: str) -> int:
 
 
 def _write_result(run: RunInfo, outcome: dict[str, Any]) -> None:
-    (run.run_dir / f"attempt-{run.attempt}.result.json").write_text(json.dumps(outcome))
+    """Rank 0's last word to the worker, written whole or not at all: the worker may read it after a SIGKILL."""
+    path = run.run_dir / f"attempt-{run.attempt}.result.json"
+    path.with_suffix(".tmp").write_text(json.dumps(outcome))
+    path.with_suffix(".tmp").replace(path)
 
 
 def train(spec: dict[str, Any], registry: Registry, run: RunInfo, store: Store | None, claim: Claim,
@@ -196,7 +207,8 @@ def train(spec: dict[str, Any], registry: Registry, run: RunInfo, store: Store |
     loader = torch.utils.data.DataLoader(
         _EpochIndexed(train_split), batch_sampler=shards, num_workers=workers, pin_memory=device.type == "cuda",
         collate_fn=partial(_collate_epoch, model=model, seed=trainer["seed"]), persistent_workers=workers > 0,
-        prefetch_factor=trainer.get("prefetch", 2) if workers else None, generator=_loader_generator(trainer, rank))
+        prefetch_factor=trainer.get("prefetch", 2) if workers else None, generator=_loader_generator(trainer, rank),
+        worker_init_fn=loader_worker_init)
 
     grad_cache = trainer.get("grad_cache", 0)  # specs queued before the option have none
     interval_start, data_wait = time.perf_counter(), 0.0
@@ -221,9 +233,10 @@ def train(spec: dict[str, Any], registry: Registry, run: RunInfo, store: Store |
             saving = trainer["checkpoint_every"] and step % trainer["checkpoint_every"] == 0 or step == trainer["steps"]
             stopping = False
             if logging or saving:  # never log or checkpoint a diverged model
-                # the worker's stop request reaches every rank with the loss terms: all save at this same step
-                scalars, stopping = _mean_over_ranks(interval, interval_steps,
-                                                     rank == 0 and run.stop_request_path.exists())
+                # a stop request (the worker's file, or SIGTERM to any rank) reaches every rank with the loss
+                # terms: all save at this same step
+                asked = _signalled.is_set() or rank == 0 and run.stop_request_path.exists()
+                scalars, stopping = _mean_over_ranks(interval, interval_steps, asked)
                 saving = saving or stopping
                 bad = {k: v for k, v in scalars.items() if not np.isfinite(v)}
                 if bad:
@@ -258,6 +271,7 @@ def train(spec: dict[str, Any], registry: Registry, run: RunInfo, store: Store |
             if stopping:
                 if reporter:
                     reporter.close()
+                    _write_result(run, {"stopped": step})
                 dist.destroy_process_group()  # every rank is past the save's barrier
                 raise Stopped(f"checkpoint saved at step {step}")
             if step >= trainer["steps"]:
@@ -557,12 +571,6 @@ def _device() -> torch.device:
 
 def _device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-
-
-def _die_with_parent() -> None:
-    """If the launcher dies (SIGKILL), take this rank down too instead of training as an orphan."""
-    if sys.platform.startswith("linux"):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 class Reporter:
