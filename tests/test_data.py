@@ -77,9 +77,10 @@ def test_a_loader_worker_outlives_sigterm_to_every_process():
     """systemd and Slurm signal every process: the rank is saving its checkpoint, so its loader worker must not die
     under it (without the init, torch raises "DataLoader worker (pid N) is killed by signal: Terminated")."""
     loader = torch.utils.data.DataLoader(_Slow(), batch_size=1, num_workers=1, worker_init_fn=loader_worker_init)
+    others = set(psutil.Process().children())  # what other tests left running here
     batches = iter(loader)
     got = [int(next(batches))]
-    (worker,) = psutil.Process().children()
+    (worker,) = set(psutil.Process().children()) - others
     worker.send_signal(signal.SIGTERM)
     got += [int(b) for b in batches]
     assert got == list(range(6))
