@@ -86,7 +86,7 @@ def test_a_loader_worker_outlives_sigterm_to_every_process():
     assert got == list(range(6))
 
 
-def test_a_loader_worker_dies_with_its_rank_at_once(tmp_path):
+def test_a_loader_worker_dies_with_its_rank_at_once():
     """A rank stopped by SIGKILL (a cancel, a lost lease) takes its loader workers along, not after torch's 5 s."""
     script = (
         "import sys, time, torch\n"
