@@ -38,3 +38,8 @@ class RunInfo:
     def stop_request_path(self) -> Path:
         """Created by a worker told to stop: the ranks checkpoint at their next log step and exit."""
         return self.run_dir / f"attempt-{self.attempt}.stop"
+
+    @property
+    def result_path(self) -> Path:
+        """Rank 0's last word to the worker on how the attempt ended: finished, stopped at a step, or failed and why."""
+        return self.run_dir / f"attempt-{self.attempt}.result.json"

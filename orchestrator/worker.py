@@ -196,8 +196,8 @@ class Worker:
         return True
 
     def _finish(self, code: int, held: bool, claim: Claim, run: dict[str, Any], info: RunInfo, log_path: Path) -> str:
-        result = log_path.with_name(f"attempt-{claim.attempt}.result.json")
-        outcome = json.loads(result.read_text()) if result.exists() else {}  # rank 0's last word (written whole)
+        result = info.result_path  # written whole or not at all
+        outcome = json.loads(result.read_text()) if result.exists() else {}
         try:
             if code == 0 or outcome.get("finished"):
                 status = self.store.end_attempt(claim, "finished")

@@ -4,8 +4,9 @@ Launched by the worker, one process per GPU (or gloo processes on the CPU), with
 ``run_dir/spec.json``. Rank 0 writes metrics and checkpoints to the store (fenced by the attempt) and
 calls the lifecycle hooks; the worker owns the run's state transitions.
 
-Exit codes: 0 finished, 2 failed for good (reason in ``attempt-N.result.json``), 3 fenced off, 4 stopped at
-the worker's request (``attempt-N.stop``) after saving a checkpoint. Once every rank is done, rank 0 writes
+Exit codes: 0 finished, 2 failed for good (reason in ``attempt-N.result.json``), 3 fenced off, 4 stopped after
+saving a checkpoint, at the worker's request (``attempt-N.stop``) or on SIGTERM to a rank (with
+``ORCH_CHECKPOINT_ON_SIGTERM``; rank 0 writes ``{"stopped": STEP}`` there). Once every rank is done, rank 0 writes
 ``{"finished": true}`` to ``attempt-N.result.json``: a rank that dies while its interpreter shuts down (gloo's
 threads can abort it then) does not turn a finished run into a retried one.
 """
@@ -128,9 +129,9 @@ def _fail(run: RunInfo, registry: Registry, rank: int, reason: str) -> int:
 
 def _write_result(run: RunInfo, outcome: dict[str, Any]) -> None:
     """Rank 0's last word to the worker, written whole or not at all: the worker may read it after a SIGKILL."""
-    path = run.run_dir / f"attempt-{run.attempt}.result.json"
-    path.with_suffix(".tmp").write_text(json.dumps(outcome))
-    path.with_suffix(".tmp").replace(path)
+    tmp = run.result_path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(outcome))
+    tmp.replace(run.result_path)
 
 
 def train(spec: dict[str, Any], registry: Registry, run: RunInfo, store: Store | None, claim: Claim,
