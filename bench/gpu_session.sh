@@ -6,7 +6,7 @@
 # then one device call with carry [".whl"] and timeout_s 600:
 #   sh bench/gpu_session.sh all        # everything below, most needed first, inside ORCH_GPU_SECONDS (default 540)
 # or one stage per call:
-#   sh bench/gpu_session.sh tests      # tests/engine/test_gpu.py, then bench/overhead.py on the GPU
+#   sh bench/gpu_session.sh tests      # tests/engine/test_gpu.py, bench/overhead.py and bench/stop_vote.py on the GPU
 #   sh bench/gpu_session.sh clip       # bench/clip_throughput.py: ViT-B/16 and ViT-B/32, orch vs open_clip
 #   sh bench/gpu_session.sh gradcache  # 65,536 image-text pairs, CLIP ViT-B/32 towers, tiled InfoNCE
 # Logs and JSON go to $OUT (the device tool brings back 8 files at most); figures go to bench/RESULTS.md by hand.
@@ -19,6 +19,9 @@ tests() {
 }
 overhead() {
     python3 bench/overhead.py --devices cuda --rounds 10 --json "$out/overhead.json"
+}
+stop_vote() {
+    python3 bench/stop_vote.py --device cuda --rounds 10 --json "$out/stop_vote.json"
 }
 clip() {  # $1: ViT-B-16 or ViT-B-32; $2: rounds
     python3 bench/clip_throughput.py --models "$1" --rounds "$2" \
@@ -70,6 +73,7 @@ case "${1:-}" in
     all)
         within 150 tests
         within 120 overhead
+        within 60 stop_vote
         within 300 clip ViT-B-16 4
         within 240 clip ViT-B-32 4
         within 240 gradcache
@@ -77,6 +81,7 @@ case "${1:-}" in
     tests)
         within 600 tests
         within 600 overhead
+        within 600 stop_vote
         ;;
     clip)
         within 600 clip ViT-B-16 6

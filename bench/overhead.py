@@ -8,7 +8,8 @@ fixed pre-collated batch is put on the device, and:
 - orch step: exactly train.py's inner loop: ``deepspeed.initialize`` with
   ``orchestrator.engine.dsconfig.deepspeed_config`` and train.py's AdamW parameter groups, then
   ``out = engine(batch)``, ``engine.backward(out["loss"])``, ``engine.step()``, the per-step sums of the
-  logged scalars, ``loss.after_step()``;
+  logged scalars, ``loss.after_step()``, the per-step stop check (the SIGTERM flag, the stop file, the vote of
+  a lone rank; ``bench/stop_vote.py`` measures the vote between ranks);
 - hand step: ``model(batch)["loss"].backward()``, ``clip_grad_norm_``, ``AdamW.step()``, an equivalent
   ``LambdaLR`` schedule step, ``zero_grad()``, ``loss.after_step()`` (with ``torch.autocast`` in bf16/fp16
   when the run's precision is not fp32, as in an AMP loop; on the GPU the optimizer is fused, as train.py's).
@@ -39,6 +40,7 @@ import cProfile  # noqa: E402
 import io  # noqa: E402
 import os  # noqa: E402
 import pstats  # noqa: E402
+import tempfile  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Callable  # noqa: E402
 from typing import Any  # noqa: E402
@@ -60,7 +62,7 @@ class Steps:
 
         from orchestrator.engine.compose import build
         from orchestrator.engine.dsconfig import effective_precision, warmup_cosine
-        from orchestrator.engine.train import _add_to_interval, _collate, make_engine
+        from orchestrator.engine.train import StopVote, _add_to_interval, _collate, _signalled, make_engine
 
         trainer = spec["trainer"]
         self.device, self.trainer = device, trainer
@@ -78,6 +80,8 @@ class Steps:
         self.engine, _ = make_engine(self.orch_model, trainer, device, self.precision, world=1)
         self.interval: dict[str, Any] = {}
         self.add_to_interval = _add_to_interval
+        self.votes, self.signalled = StopVote(device, world=1), _signalled
+        self.stop_request = Path(tempfile.mkdtemp(prefix="orch-overhead-")) / "attempt-1.stop"  # never created
 
         # hand: the same components, built again from the same seed
         self.hand_model = build(registry, spec).model.to(device)
@@ -99,6 +103,7 @@ class Steps:
         self.add_to_interval(self.interval, out, self.trainer["accum"])
         if hasattr(self.orch_model.loss, "after_step"):
             self.orch_model.loss.after_step()
+        self.votes.cast(self.signalled.is_set() or self.stop_request.exists())
         phase("optimizer step (incl. clip, schedule, after_step)")
         return out["loss"]
 

@@ -103,7 +103,7 @@ def queue(ctx: click.Context, **kwargs: Any) -> None:
 
 _checkpoint_on_stop = click.option(
     "--checkpoint-on-stop", default=20.0, type=click.FloatRange(min=0), show_default=True, metavar="SECONDS",
-    help="told to stop (SIGTERM, Ctrl-C), give the run this long to save a checkpoint at its next log step before "
+    help="told to stop (SIGTERM, Ctrl-C), give the run this long to save a checkpoint (within two steps) before "
          "its processes are stopped; 0 stops them at once")
 
 

@@ -24,7 +24,7 @@ from typing import Literal
 from orchestrator.errors import UserError
 
 ALL = "all"
-# set for ranks on one machine: SIGTERM to a rank asks for a checkpoint at its next log step (engine/train.py)
+# set for ranks on one machine: SIGTERM to a rank asks for a checkpoint within two steps (engine/train.py)
 CHECKPOINT_ON_SIGTERM = "ORCH_CHECKPOINT_ON_SIGTERM"
 Gpus = int | Literal["all"]
 _HOST_LINE = re.compile(r"^(\S+)\s+slots=(\d+)\s*$")

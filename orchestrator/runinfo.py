@@ -36,7 +36,7 @@ class RunInfo:
 
     @property
     def stop_request_path(self) -> Path:
-        """Created by a worker told to stop: the ranks checkpoint at their next log step and exit."""
+        """Created by a worker told to stop: the ranks checkpoint within two steps and exit."""
         return self.run_dir / f"attempt-{self.attempt}.stop"
 
     @property

@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from functools import partial
@@ -72,6 +73,7 @@ class Worker:
         self.registry = Registry.load()
         self.id = worker_id()
         self.stop_signal: int | None = None  # set by stop_on_signals: hand the run back to the queue, then stop
+        self.signalled = threading.Event()  # the same, to wake the waits below at once
 
     def stop_on_signals(self) -> None:
         """SIGTERM (a scheduler's preemption, `docker stop`) and SIGINT (Ctrl-C) stop this worker once the run it
@@ -81,6 +83,7 @@ class Worker:
             if self.stop_signal is not None:
                 raise KeyboardInterrupt
             self.stop_signal = signum
+            self.signalled.set()
 
         for signum in (signal.SIGINT, signal.SIGTERM):
             signal.signal(signum, stop)
@@ -94,9 +97,7 @@ class Worker:
             if claim is None:
                 if not forever:
                     return done
-                deadline = time.monotonic() + poll_seconds
-                while self.stop_signal is None and time.monotonic() < deadline:
-                    time.sleep(0.2)
+                self.signalled.wait(poll_seconds)
                 continue
             self.execute(claim)
             done += 1
@@ -166,13 +167,17 @@ class Worker:
     def _follow(self, proc: subprocess.Popen, claim: Claim, run: dict[str, Any], stop_request: Path,
                 multi_node: bool) -> bool:
         """Heartbeat while the ranks train; stop them if the run is cancelled or the lease is lost. Told to stop,
-        ask them to checkpoint at their next log step and exit; stop them if they take too long."""
+        ask them to checkpoint (within two steps) and exit; stop them if they take too long."""
         beat = max(1.0, self.lease / 4)
         last_beat = time.monotonic()
         asked_at = None
         with _ProgressBar(run["spec"]["trainer"]["steps"], enabled=not self.quiet) as bar:
             while proc.poll() is None:
-                time.sleep(0.5)
+                if self.stop_signal is None:
+                    self.signalled.wait(0.5)  # a stop signal wakes it: the ranks hear of it at once
+                else:
+                    with contextlib.suppress(subprocess.TimeoutExpired):
+                        proc.wait(0.5)  # saving: notice the ranks' exit at once
                 if self.stop_signal is not None:
                     if asked_at is None:
                         asked_at = time.monotonic()

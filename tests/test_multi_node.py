@@ -123,8 +123,8 @@ def test_cancel_stops_the_ranks_on_every_node(workdir: Path, nodes: Nodes) -> No
 
 
 def test_a_stopped_worker_has_both_nodes_checkpoint_the_run(workdir: Path, nodes: Nodes) -> None:
-    """SIGTERM to the worker: the stop request reaches the rank on the other node with the loss terms, both
-    ranks save the same step and exit, and the run is queued again from that checkpoint."""
+    """SIGTERM to the worker: the stop request reaches the rank on the other node through the per-step stop vote,
+    both ranks save the same step and exit, and the run is queued again from that checkpoint."""
     assert orch("queue", *SMALL, "--steps", "2000", "--log-every", "2", "--checkpoint-every", "0", cwd=workdir,
                 env=nodes.env).returncode == 0
     store = Store.open(nodes.store_url)
@@ -137,7 +137,7 @@ def test_a_stopped_worker_has_both_nodes_checkpoint_the_run(workdir: Path, nodes
     out, _ = worker.communicate(timeout=300)
     assert worker.returncode == 143, out
     checkpoint = store.latest_checkpoint(1)
-    assert checkpoint and checkpoint["step"] >= 4 and checkpoint["step"] % 2 == 0, checkpoint
+    assert checkpoint and checkpoint["step"] >= 4, checkpoint
     assert (Path(checkpoint["path"]) / "rank0.pt").exists() and (Path(checkpoint["path"]) / "rank1.pt").exists()
     assert f"resumed from step {checkpoint['step']} by the next worker" in out
     assert store.run(1)["status"] == "queued"

@@ -14,6 +14,7 @@ threads can abort it then) does not turn a finished run into a retried one.
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import dataclasses
 import json
@@ -212,6 +213,7 @@ def train(spec: dict[str, Any], registry: Registry, run: RunInfo, store: Store |
         worker_init_fn=loader_worker_init)
 
     grad_cache = trainer.get("grad_cache", 0)  # specs queued before the option have none
+    votes = StopVote(device, world)
     interval_start, data_wait = time.perf_counter(), 0.0
     while step < trainer["steps"]:
         epoch_batches, micro_batches = epoch_loader(epoch, batch_in_epoch)
@@ -232,13 +234,11 @@ def train(spec: dict[str, Any], registry: Registry, run: RunInfo, store: Store |
 
             logging = step % trainer["log_every"] == 0 or step == trainer["steps"]
             saving = trainer["checkpoint_every"] and step % trainer["checkpoint_every"] == 0 or step == trainer["steps"]
-            stopping = False
+            # a stop request (the worker's file, or SIGTERM to any rank): every rank saves at the same step, soon
+            stopping = votes.cast(_signalled.is_set() or rank == 0 and run.stop_request_path.exists())
+            saving = saving or stopping
             if logging or saving:  # never log or checkpoint a diverged model
-                # a stop request (the worker's file, or SIGTERM to any rank) reaches every rank with the loss
-                # terms: all save at this same step
-                asked = _signalled.is_set() or rank == 0 and run.stop_request_path.exists()
-                scalars, stopping = _mean_over_ranks(interval, interval_steps, asked)
-                saving = saving or stopping
+                scalars = _mean_over_ranks(interval, interval_steps)
                 bad = {k: v for k, v in scalars.items() if not np.isfinite(v)}
                 if bad:
                     terms = ", ".join(f"{k}={v}" for k, v in bad.items())
@@ -270,6 +270,7 @@ def train(spec: dict[str, Any], registry: Registry, run: RunInfo, store: Store |
                 rank_state = {"rng": _get_rng(), "interval": interval, "interval_steps": interval_steps}
                 _save(engine, comp, checkpoints, step, epoch, batch_in_epoch, reporter, rank, rank_state)
             if stopping:
+                votes.drain()
                 if reporter:
                     reporter.close()
                     _write_result(run, {"stopped": step})
@@ -279,6 +280,7 @@ def train(spec: dict[str, Any], registry: Registry, run: RunInfo, store: Store |
                 break
         epoch, batch_in_epoch = epoch + 1, 0
 
+    votes.drain()
     results = _evaluate(comp, model, device, precision, trainer)
     # ZeRO-3 partitions the parameters: every rank helps gather them, layer by layer, onto rank 0's CPU
     full = engine._zero3_consolidated_16bit_state_dict() if trainer["zero"] == 3 else None
@@ -464,16 +466,67 @@ def _add_to_interval(interval: dict[str, torch.Tensor], out: dict[str, torch.Ten
         interval[key] = interval.get(key, 0) + (value / accum if accum > 1 else value)
 
 
-def _mean_over_ranks(sums: dict[str, torch.Tensor], steps: int, stop: bool) -> tuple[dict[str, float], bool]:
-    """The interval's mean loss terms over ranks, and whether any rank was asked to stop: one all_reduce."""
+def _mean_over_ranks(sums: dict[str, torch.Tensor], steps: int) -> dict[str, float]:
+    """The interval's mean loss terms over ranks: one all_reduce."""
     keys = sorted(sums)
     values = torch.stack([sums[k].reshape(()) for k in keys]) / steps
-    values = torch.cat([values, values.new_tensor([float(stop)])])
     if dist.get_world_size() > 1:
         dist.all_reduce(values)
-        values[:-1] /= dist.get_world_size()
-    *means, stops = values.cpu().tolist()
-    return dict(zip(keys, means)), stops > 0
+        values /= dist.get_world_size()
+    return dict(zip(keys, values.cpu().tolist()))
+
+
+class StopVote:
+    """Whether any rank was asked to stop, agreed on by every rank at the same step, checked every step.
+
+    A rank's vote of step ``s`` travels in a one-number all_reduce (MAX) that nobody waits for; every rank reads
+    the result at step ``s + LAG``, by when it has long arrived, and all stop there together. On a GPU a side
+    stream waits for the reduction and copies the result to pinned host memory behind an event: the training
+    stream never waits for the vote, and reading it waits for step ``s`` only, never for the steps queued since
+    (the host keeps running ahead of the GPU). A stop thus comes within ``LAG`` steps of the request instead of
+    at the next log step, however sparse the logging."""
+
+    LAG = 2
+
+    def __init__(self, device: torch.device, world: int) -> None:
+        self.cuda, self.world = device.type == "cuda", world
+        self.votes = [torch.zeros(1, device=device) for _ in range(self.LAG + 1)]
+        self.host = [torch.zeros(1, pin_memory=True) for _ in self.votes] if self.cuda else self.votes
+        self.side = torch.cuda.Stream(device) if self.cuda else None
+        self.pending: collections.deque[tuple[Any, torch.Tensor]] = collections.deque()
+        self.cast_count = 0
+
+    def cast(self, asked: bool) -> bool:
+        """Vote for this step; True when the vote of ``LAG`` steps ago says any rank was asked: stop now."""
+        if self.world == 1:  # nobody to agree with
+            return asked
+        slot = self.cast_count % len(self.votes)  # read LAG casts ago, so free again
+        self.cast_count += 1
+        vote = self.votes[slot].fill_(float(asked))
+        work = dist.all_reduce(vote, op=dist.ReduceOp.MAX, async_op=True)
+        if self.cuda:
+            with torch.cuda.stream(self.side):
+                work.wait()  # NCCL: the side stream waits for the reduction; the host does not
+                self.host[slot].copy_(vote, non_blocking=True)
+                work = torch.cuda.Event()
+                work.record()
+        self.pending.append((work, self.host[slot]))
+        if len(self.pending) <= self.LAG:
+            return False
+        return self._read()
+
+    def drain(self) -> None:
+        """Wait for the votes in flight: no collective may be pending when the process group goes."""
+        while self.pending:
+            self._read()
+
+    def _read(self) -> bool:
+        work, result = self.pending.popleft()
+        if self.cuda:
+            work.synchronize()  # the event after the copy: this step's GPU work, not the steps queued since
+        else:
+            work.wait()
+        return result.item() > 0
 
 
 def _evaluate(comp: Composition, model: RunModel, device: torch.device, precision: str,

@@ -1,6 +1,7 @@
 """On a CUDA GPU (marked ``gpu``, skipped without one): the paths the CPU suite cannot reach. bf16 autocast through
 DeepSpeed at every ZeRO stage with NCCL, the learnable temperature's clamp on the fp32 masters there, GradCache's
-exactness with CUDA kernels and through the bf16 engine, ``torch.compile`` of the encoders, and a whole ``orch run``.
+exactness with CUDA kernels and through the bf16 engine, ``torch.compile`` of the encoders, the stop vote's read
+behind an event, and a whole ``orch run``.
 
 Exactness checks run in fp32 with TF32 off (cuDNN's default TF32 convolutions would round the patch embedding to
 10 bits); bf16 checks compare against fp32 at bf16's resolution (8 bits of mantissa), which still catches a wrong
@@ -211,3 +212,38 @@ def test_orch_run_trains_in_bf16_on_the_gpu(workdir: Path) -> None:
     store = Store.open(f"sqlite:///{workdir}/experiments.db")
     assert store.run(1)["status"] == "finished"
     assert store.final_metrics(1)["zs/top1"] >= 50.0
+
+
+def _vote_rank(rank: int, port: int, out: str) -> None:
+    os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    import torch.distributed as dist
+
+    from orchestrator.engine.train import StopVote
+
+    torch.cuda.set_device(0)
+    dist.init_process_group("nccl")
+    votes = StopVote(torch.device("cuda", 0), world=2)  # the GPU path on one GPU: a 1-rank MAX is the vote
+    x = torch.randn(8192, 8192, device="cuda")
+    decisions, queued = [], []
+    for step in range(8):
+        for _ in range(10):  # a step's worth of GPU work, queued
+            y = x @ x
+        decisions.append(votes.cast(step == 3))
+        queued.append(not torch.cuda.current_stream().query())  # reading the vote left this step's work queued
+    votes.drain()
+    del y
+    Path(out).write_text(json.dumps({"decisions": decisions, "queued": queued}))
+    leave_rank()
+
+
+def test_the_stop_vote_reads_its_result_without_waiting_for_the_queued_steps(tmp_path: Path) -> None:
+    """``StopVote`` on a GPU: the vote of step 3 is read at step 5, and reading it (an event after a copy to pinned
+    memory) waits for step 3's work only, so the host stays ahead of the GPU; ``.item()`` on the GPU tensor would
+    have waited for everything queued."""
+    import torch.multiprocessing as mp
+
+    out = tmp_path / "vote.json"
+    mp.spawn(_vote_rank, args=(free_port(), str(out)), nprocs=1, join=True)
+    result = json.loads(out.read_text())
+    assert result["decisions"] == [step == 5 for step in range(8)]
+    assert all(result["queued"][2:]), result["queued"]  # steps 2-7 read a vote; the GPU was still busy after each
