@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -121,6 +122,22 @@ def wait_until(predicate: Callable[[], object], timeout: float, what: str) -> No
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.5)
+
+
+def imagenet_folder(root: Path, classes: int = 3, per_class: int = 3) -> Path:
+    """An ImageNet validation folder in ImageFolder layout: the first ``classes`` WordNet ids of imagenet-zs's
+    metadata, ``per_class`` random 40 x 48 JPEGs each (seeded)."""
+    import torch
+    from PIL import Image
+
+    wnids = json.loads((ROOT / "plugins" / "evaluators" / "imagenet_zeroshot.json").read_text())["wnids"][:classes]
+    generator = torch.Generator().manual_seed(0)
+    for wnid in wnids:
+        (root / wnid).mkdir(parents=True)
+        for i in range(per_class):
+            pixels = (torch.rand(40, 48, 3, generator=generator) * 255).to(torch.uint8).numpy()
+            Image.fromarray(pixels).save(root / wnid / f"ILSVRC2012_val_{i}.JPEG")
+    return root
 
 
 def training_processes(run_dir: Path) -> list[psutil.Process]:

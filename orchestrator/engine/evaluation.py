@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -18,6 +18,14 @@ from orchestrator.errors import UserError
 Representation = Literal["auto", "embedding", "backbone"]
 
 
+class EvalInterrupted(Exception):
+    """The run was asked to stop during an evaluation: the engine saves the step and evaluates it on resume."""
+
+
+def _never() -> bool:
+    return False
+
+
 @dataclass
 class EvalContext:
     image_encoder: nn.Module
@@ -26,6 +34,11 @@ class EvalContext:
     device: torch.device
     dtype: torch.dtype = torch.float32
     batch_size: int = 256
+    stop_asked: Callable[[], bool] = _never  # checked before each batch: a preemption need not wait for the end
+
+    def _check(self) -> None:
+        if self.stop_asked():
+            raise EvalInterrupted("asked to stop during the evaluation")
 
     @property
     def shared(self) -> bool:
@@ -56,6 +69,7 @@ class EvalContext:
                                 f"no representation(images) method; use representation=embedding")
         out = []
         for start in range(0, len(images), self.batch_size):
+            self._check()
             batch = torch.stack([transform(img) for img in images[start:start + self.batch_size]])
             with self._autocast():
                 kwargs = {"modality": "image"} if self.shared else {}
@@ -69,6 +83,7 @@ class EvalContext:
             raise RuntimeError("this run has no text tower")
         out = []
         for start in range(0, len(texts), self.batch_size):
+            self._check()
             tokens = self.text_encoder.tokenize(list(texts[start:start + self.batch_size]))
             with self._autocast():
                 kwargs = {"modality": "text"} if self.shared else {}

@@ -27,7 +27,7 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -54,7 +54,7 @@ from orchestrator.engine.dsconfig import (
     warmup_cosine,
     weight_decay_at,
 )
-from orchestrator.engine.evaluation import EvalContext
+from orchestrator.engine.evaluation import EvalContext, EvalInterrupted
 from orchestrator.engine.gradcache import engine_cached_step
 from orchestrator.engine.scale import prepare, run_after_step
 from orchestrator.errors import UserError
@@ -158,7 +158,7 @@ def train(spec: dict[str, Any], registry: Registry, run: RunInfo, store: Store |
     if rank == 0:
         print(f"orch: run {run.id} trains on {run.device}", flush=True)
 
-    step, epoch, batch_in_epoch = 0, 0, 0
+    step, epoch, batch_in_epoch, eval_pending = 0, 0, 0, False
     interval: dict[str, torch.Tensor] = {}  # loss sums since the last log, per rank
     interval_steps = 0
     if resume_tag:
@@ -173,6 +173,7 @@ def train(spec: dict[str, Any], registry: Registry, run: RunInfo, store: Store |
         _, client = engine.load_checkpoint(str(load_dir), tag=tag)
         state = client["orch"]
         step, epoch, batch_in_epoch = state["step"], state["epoch"], state["batch"]
+        eval_pending = state.get("eval_pending", False)  # the attempt before was stopped during this evaluation
         comp.sampler.load_state_dict(state["sampler"])
         rank_state = load_rank_state(checkpoints / resume_tag, rank, world)
         _set_rng(rank_state["rng"])
@@ -184,6 +185,37 @@ def train(spec: dict[str, Any], registry: Registry, run: RunInfo, store: Store |
         if resume_tag:
             store.forget_after(claim, step)
         registry.notify("run_started", run=run, resumed_from=step if resume_tag else None)
+    votes = StopVote(device, world)
+
+    def stop_asked() -> bool:
+        """A stop request: the worker's file (rank 0 reads it), or SIGTERM to this rank."""
+        return _signalled.is_set() or rank == 0 and run.stop_request_path.exists()
+
+    def evaluate() -> dict[str, float] | None:
+        """Every evaluator at this step; None when a stop request interrupted them (every rank agrees)."""
+        if rank == 0 and comp.evaluators:
+            print(f"orch: evaluating step {step}: {', '.join(name for name, _ in comp.evaluators)}", flush=True)
+        results = _evaluate(comp, model, device, precision, trainer, stop_asked)
+        if results is None and rank == 0:
+            print(f"orch: the evaluation of step {step} was interrupted by a stop request; it runs again when the "
+                  f"run resumes", flush=True)
+        return results
+
+    def stop() -> None:
+        """Every rank has saved this step (or had it saved already): end the attempt for the worker to resume."""
+        votes.drain()
+        if reporter:
+            reporter.close()
+            _write_result(run, {"stopped": step})
+        dist.destroy_process_group()  # every rank is past the save's barrier
+        raise Stopped(f"checkpoint saved at step {step}")
+
+    if eval_pending:  # saved with it: evaluate before training on, as the uninterrupted run did
+        results = evaluate()
+        if results is None:
+            stop()
+        if reporter:
+            reporter.log(step, results)
     train_split = comp.dataset.train
     labels = getattr(train_split, "labels", None)
     micro = trainer["batch_size"] // (world * trainer["accum"])
@@ -213,7 +245,6 @@ def train(spec: dict[str, Any], registry: Registry, run: RunInfo, store: Store |
         worker_init_fn=loader_worker_init)
 
     grad_cache = trainer.get("grad_cache", 0)  # specs queued before the option have none
-    votes = StopVote(device, world)
     interval_start, data_wait = time.perf_counter(), 0.0
     while step < trainer["steps"]:
         epoch_batches, micro_batches = epoch_loader(epoch, batch_in_epoch)
@@ -234,8 +265,7 @@ def train(spec: dict[str, Any], registry: Registry, run: RunInfo, store: Store |
 
             logging = step % trainer["log_every"] == 0 or step == trainer["steps"]
             saving = trainer["checkpoint_every"] and step % trainer["checkpoint_every"] == 0 or step == trainer["steps"]
-            # a stop request (the worker's file, or SIGTERM to any rank): every rank saves at the same step, soon
-            stopping = votes.cast(_signalled.is_set() or rank == 0 and run.stop_request_path.exists())
+            stopping = votes.cast(stop_asked())  # any rank's request: every rank saves at the same step, soon
             saving = saving or stopping
             if logging or saving:  # never log or checkpoint a diverged model
                 scalars = _mean_over_ranks(interval, interval_steps)
@@ -259,29 +289,30 @@ def train(spec: dict[str, Any], registry: Registry, run: RunInfo, store: Store |
                 if reporter:
                     reporter.log(step, scalars)
                 interval, interval_start, interval_steps, data_wait = {}, time.perf_counter(), 0, 0.0
+            eval_pending = False
             if trainer["eval_every"] and step % trainer["eval_every"] == 0 and step < trainer["steps"]:
-                results = _evaluate(comp, model, device, precision, trainer)
-                if reporter:
+                results = None if stopping else evaluate()
+                if results is None:  # stopping: save this step now, and evaluate it when the run resumes
+                    eval_pending = stopping = saving = True
+                elif reporter:
                     reporter.log(step, results)
             if refresh_every and step % refresh_every == 0 and step < trainer["steps"]:
                 _refresh_sampler(comp, model, device, precision)  # before the save: a resume starts refreshed
                 epoch_batches, micro_batches = epoch_loader(epoch, batch_in_epoch)
             if saving:
                 rank_state = {"rng": _get_rng(), "interval": interval, "interval_steps": interval_steps}
-                _save(engine, comp, checkpoints, step, epoch, batch_in_epoch, reporter, rank, rank_state)
+                _save(engine, comp, checkpoints, step, epoch, batch_in_epoch, reporter, rank, rank_state,
+                      eval_pending)
             if stopping:
-                votes.drain()
-                if reporter:
-                    reporter.close()
-                    _write_result(run, {"stopped": step})
-                dist.destroy_process_group()  # every rank is past the save's barrier
-                raise Stopped(f"checkpoint saved at step {step}")
+                stop()
             if step >= trainer["steps"]:
                 break
         epoch, batch_in_epoch = epoch + 1, 0
 
     votes.drain()
-    results = _evaluate(comp, model, device, precision, trainer)
+    results = evaluate()
+    if results is None:  # the last step's checkpoint is saved: the next attempt starts with this evaluation
+        stop()
     # ZeRO-3 partitions the parameters: every rank helps gather them, layer by layer, onto rank 0's CPU
     full = engine._zero3_consolidated_16bit_state_dict() if trainer["zero"] == 3 else None
     if rank == 0:
@@ -530,29 +561,38 @@ class StopVote:
 
 
 def _evaluate(comp: Composition, model: RunModel, device: torch.device, precision: str,
-              trainer: dict[str, Any]) -> dict[str, float]:
-    """Run every evaluator; the RNGs are kept so evaluating never changes the training trajectory."""
-    results: dict[str, float] = {}
+              trainer: dict[str, Any], stop_asked: Callable[[], bool] | None = None) -> dict[str, float] | None:
+    """Run every evaluator; the RNGs are kept so evaluating never changes the training trajectory. With
+    ``stop_asked``, a stop request on rank 0 interrupts the evaluators between batches: None, on every rank."""
+    results: dict[str, float] | None = {}
     everywhere = trainer["zero"] == 3  # partitioned parameters: every rank must take part in forwards
     if dist.get_rank() == 0 or everywhere:
         ctx = EvalContext(model.image_encoder, model.text_tower, comp.dataset, device, DTYPES[precision])
+        if stop_asked and not everywhere:  # under ZeRO-3 the ranks would have to agree on every batch
+            ctx.stop_asked = stop_asked
         model.eval()
-        with _rng_kept():
-            for name, evaluator in comp.evaluators:
-                for key, value in evaluator.evaluate(ctx).items():
-                    results[f"{name}/{key}"] = float(value)
-        model.train()
-    dist.barrier()
-    return results
+        try:
+            with _rng_kept():
+                for name, evaluator in comp.evaluators:
+                    for key, value in evaluator.evaluate(ctx).items():
+                        results[f"{name}/{key}"] = float(value)
+        except EvalInterrupted:
+            results = None
+        finally:
+            model.train()
+    interrupted = torch.tensor([float(results is None)], device=device)
+    dist.all_reduce(interrupted, op=dist.ReduceOp.MAX)  # rank 0's word, and the barrier the ranks need here
+    return None if interrupted.item() else results
 
 
 def _save(engine: Any, comp: Composition, root: Path, step: int, epoch: int, batch: int,
-          reporter: Reporter | None, rank: int, rank_state: dict[str, Any]) -> None:
+          reporter: Reporter | None, rank: int, rank_state: dict[str, Any], eval_pending: bool = False) -> None:
     """DeepSpeed's save on every rank, plus each rank's RNG and unlogged loss sums (DeepSpeed keeps only
-    rank 0's client state); valid in the store only once every rank has written it whole."""
+    rank 0's client state); valid in the store only once every rank has written it whole. ``eval_pending``: a
+    stop request interrupted this step's evaluation, which the next attempt runs first."""
     tag = f"step-{step:08d}"
     state = {"orch": {"step": step, "epoch": epoch, "batch": batch, "sampler": comp.sampler.state_dict(),
-                      "world_size": dist.get_world_size()}}
+                      "world_size": dist.get_world_size(), "eval_pending": eval_pending}}
     try:
         engine.save_checkpoint(str(root), tag=tag, client_state=state, save_latest=False)
         torch.save(rank_state, root / tag / f"rank{rank}.pt")

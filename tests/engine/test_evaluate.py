@@ -1,5 +1,6 @@
 """Evaluating in the middle of a run must not move any global RNG the training steps draw from: an evaluator
-from a plugin may shuffle with Python's `random` or numpy, and a loss or augmentation may draw from either."""
+from a plugin may shuffle with Python's `random` or numpy, and a loss or augmentation may draw from either. A stop
+request stops an evaluation between batches."""
 
 from __future__ import annotations
 
@@ -8,11 +9,12 @@ from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
+import pytest
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from orchestrator.engine.evaluation import EvalContext
+from orchestrator.engine.evaluation import EvalContext, EvalInterrupted
 from orchestrator.engine.train import _evaluate
 
 
@@ -44,6 +46,67 @@ def test_evaluating_leaves_every_global_rng_where_it_was() -> None:
         results = _evaluate(comp, model, torch.device("cpu"), "fp32", {"zero": 0})
         assert set(results) == {"careless/draws"}  # the evaluator did run, and drew
         assert _draws() == expected
+    finally:
+        if started:
+            dist.destroy_process_group()
+
+
+class _Counting(nn.Module):
+    """An image encoder that counts its batches."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(4, 2)
+        self.batches = 0
+
+    @staticmethod
+    def transform(image: torch.Tensor) -> torch.Tensor:
+        return image
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        self.batches += 1
+        return self.proj(images)
+
+
+class EncodesEverything:
+    def evaluate(self, ctx: EvalContext) -> dict[str, float]:
+        return {"mean": float(ctx.encode_images([torch.rand(4) for _ in range(10)]).mean())}
+
+
+def test_a_stop_request_interrupts_the_encoders_between_batches() -> None:
+    encoder = _Counting()
+    calls = []
+
+    def stop_asked() -> bool:
+        calls.append(1)
+        return len(calls) > 2  # asked while the second batch was being encoded
+
+    ctx = EvalContext(encoder, None, None, torch.device("cpu"), batch_size=2, stop_asked=stop_asked)
+    with pytest.raises(EvalInterrupted):
+        ctx.encode_images([torch.rand(4) for _ in range(10)])
+    assert encoder.batches == 2  # of 5: the third never started
+    assert EvalContext(_Counting(), None, None, torch.device("cpu")).encode_images([torch.rand(4)]).shape == (1, 2)
+
+
+@pytest.mark.parametrize("zero, interrupted", [(0, True), (3, False)])
+def test_evaluate_returns_none_when_interrupted_except_under_zero_3(zero: int, interrupted: bool) -> None:
+    """Interrupted, ``_evaluate`` gives None (every rank agrees: the engine then saves the step and evaluates it on
+    resume), keeps the RNGs and puts the model back in training mode. Under ZeRO-3 every rank evaluates together,
+    so a request on rank 0 alone cannot end it: it runs to the end."""
+    started = not dist.is_initialized()
+    if started:
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        modes = []
+        model = SimpleNamespace(image_encoder=_Counting(), text_tower=None, eval=lambda: modes.append("eval"),
+                                train=lambda: modes.append("train"))
+        comp: Any = SimpleNamespace(dataset=None, evaluators=[("all", EncodesEverything())])
+        torch.manual_seed(0)
+        expected = torch.rand(())
+        torch.manual_seed(0)
+        results = _evaluate(comp, model, torch.device("cpu"), "fp32", {"zero": zero}, stop_asked=lambda: True)
+        assert (results is None) == interrupted and modes == ["eval", "train"]
+        assert torch.rand(()) == expected
     finally:
         if started:
             dist.destroy_process_group()
