@@ -238,31 +238,34 @@ def test_sigterm_to_a_rank_alone_checkpoints_within_steps_and_the_worker_resumes
     _resumes_like_an_uninterrupted_run(workdir, store, spec)
 
 
-def test_a_stop_during_an_evaluation_saves_its_step_and_the_next_attempt_evaluates_it_first(workdir: Path) -> None:
+@pytest.mark.parametrize("eval_every, evaluated", [(20, 20), (0, 40)], ids=["periodic", "final"])
+def test_a_stop_during_an_evaluation_saves_its_step_and_the_next_attempt_evaluates_it_first(
+        workdir: Path, eval_every: int, evaluated: int) -> None:
     """SIGTERM to the worker while its run evaluates (imagenet-zs's 80,000 prompts: seconds here, minutes on a real
     validation set, past a preemption's grace): rank 0 stops the evaluators between batches, the ranks save that
-    step and exit, the next attempt evaluates the step before it trains on, and the run ends with the same metrics
-    at the same steps as an uninterrupted one. The evaluation used to run to its end before the ranks even voted."""
+    step (the last one's checkpoint is there already) and exit, the next attempt evaluates the step before it
+    trains on, and the run ends with the same metrics at the same steps as an uninterrupted one. The evaluation
+    used to run to its end before the ranks even voted."""
     root = imagenet_folder(workdir / "imagenet" / "val")
-    spec = [*SMALL, "--eval", f"imagenet-zs:root={root},workers=0", "--steps", "40", "--eval-every", "20",
+    spec = [*SMALL, "--eval", f"imagenet-zs:root={root},workers=0", "--steps", "40", "--eval-every", str(eval_every),
             "--log-every", "10", "--checkpoint-every", "0", "--gpus", "2"]
     assert orch("queue", *spec, cwd=workdir).returncode == 0
     store = Store.open(f"sqlite:///{workdir}/experiments.db")
     worker = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "worker", "--checkpoint-on-stop", "120",
                                "--quiet"], cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     log = workdir / "runs" / "1" / "attempt-1.log"
-    wait_until(lambda: log.exists() and "orch: evaluating step 20: imagenet-zs" in log.read_text(), 300,
-               "run 1 to evaluate step 20")
+    evaluating = f"orch: evaluating step {evaluated}: imagenet-zs"
+    wait_until(lambda: log.exists() and evaluating in log.read_text(), 300, f"run 1 to evaluate step {evaluated}")
     worker.send_signal(signal.SIGTERM)
     out, err = worker.communicate(timeout=300)
     assert worker.returncode == 143, out + err
-    assert store.latest_checkpoint(1)["step"] == 20
-    assert "orch: the evaluation of step 20 was interrupted by a stop request" in log.read_text()
+    assert store.latest_checkpoint(1)["step"] == evaluated
+    assert f"orch: the evaluation of step {evaluated} was interrupted by a stop request" in log.read_text()
     assert not [m for m in store.metrics(1) if m["name"].startswith("imagenet-zs/")]
     resumed = orch("worker", "--quiet", cwd=workdir)
-    assert resumed.returncode == 0 and "resuming from step 20" in resumed.stdout, resumed.stdout + resumed.stderr
+    assert resumed.returncode == 0 and f"resuming from step {evaluated}" in resumed.stdout, resumed.stdout
     second = (workdir / "runs" / "1" / "attempt-2.log").read_text()
-    assert second.index("orch: evaluating step 20: imagenet-zs") < second.index("step 30/40")
+    assert evaluating in second and (evaluated == 40 or second.index(evaluating) < second.index("step 30/40"))
     _resumes_like_an_uninterrupted_run(workdir, store, spec)
 
 
