@@ -8,8 +8,8 @@ fixed pre-collated batch is put on the device, and:
 - orch step: exactly train.py's inner loop: ``deepspeed.initialize`` with
   ``orchestrator.engine.dsconfig.deepspeed_config`` and train.py's AdamW parameter groups, then
   ``out = engine(batch)``, ``engine.backward(out["loss"])``, ``engine.step()``, the per-step sums of the
-  logged scalars, ``loss.after_step()``, the per-step stop check (the SIGTERM flag, the stop file, the vote of
-  a lone rank; ``bench/stop_vote.py`` measures the vote between ranks);
+  logged scalars, ``loss.after_step()``, the per-step stop check (``StopAsked``, and ``StopVote`` of a lone
+  rank; ``bench/stop_vote.py`` measures the vote between ranks);
 - hand step: ``model(batch)["loss"].backward()``, ``clip_grad_norm_``, ``AdamW.step()``, an equivalent
   ``LambdaLR`` schedule step, ``zero_grad()``, ``loss.after_step()`` (with ``torch.autocast`` in bf16/fp16
   when the run's precision is not fp32, as in an AMP loop; on the GPU the optimizer is fused, as train.py's).
@@ -62,7 +62,7 @@ class Steps:
 
         from orchestrator.engine.compose import build
         from orchestrator.engine.dsconfig import effective_precision, warmup_cosine
-        from orchestrator.engine.train import StopVote, _add_to_interval, _collate, _signalled, make_engine
+        from orchestrator.engine.train import StopAsked, StopVote, _add_to_interval, _collate, make_engine
 
         trainer = spec["trainer"]
         self.device, self.trainer = device, trainer
@@ -80,8 +80,8 @@ class Steps:
         self.engine, _ = make_engine(self.orch_model, trainer, device, self.precision, world=1)
         self.interval: dict[str, Any] = {}
         self.add_to_interval = _add_to_interval
-        self.votes, self.signalled = StopVote(device, world=1), _signalled
-        self.stop_request = Path(tempfile.mkdtemp(prefix="orch-overhead-")) / "attempt-1.stop"  # never created
+        self.votes = StopVote(device, world=1)
+        self.stop_asked = StopAsked(Path(tempfile.mkdtemp(prefix="orch-overhead-")) / "attempt-1.stop")  # never made
 
         # hand: the same components, built again from the same seed
         self.hand_model = build(registry, spec).model.to(device)
@@ -103,7 +103,7 @@ class Steps:
         self.add_to_interval(self.interval, out, self.trainer["accum"])
         if hasattr(self.orch_model.loss, "after_step"):
             self.orch_model.loss.after_step()
-        self.votes.cast(self.signalled.is_set() or self.stop_request.exists())
+        self.votes.cast(self.stop_asked())
         phase("optimizer step (incl. clip, schedule, after_step)")
         return out["loss"]
 

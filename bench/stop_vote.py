@@ -2,7 +2,7 @@
 
 Each rank builds the default spec's model (or the choices given) with train.py's ``make_engine`` and trains on
 one fixed micro-batch; rounds of ``--steps-per-round`` steps with the vote after each step (exactly train.py's
-check: the SIGTERM flag and, on rank 0, the stop file, then ``votes.cast``) alternate with rounds without it
+check: ``votes.cast(stop_asked())``) alternate with rounds without it
 (with, without, then the reverse), every round starting at a barrier. Reported: steps/s with and without, and
 the ratio without/with (1.0: free). On the CPU, 2 gloo ranks; on GPUs, one NCCL rank per GPU, or on a single
 GPU one rank that takes the vote's multi-rank path (the reduction of a 1-rank group, the copy to pinned memory
@@ -38,7 +38,7 @@ def rank_main(rank: int, world: int, port: int, args: argparse.Namespace, out: s
 
     from orchestrator.engine.compose import build, to_device
     from orchestrator.engine.dsconfig import effective_precision
-    from orchestrator.engine.train import StopVote, _collate, _signalled, make_engine
+    from orchestrator.engine.train import StopAsked, StopVote, _collate, make_engine
     from orchestrator.registry import Registry
     from orchestrator.spec import resolve_run
 
@@ -62,7 +62,8 @@ def rank_main(rank: int, world: int, port: int, args: argparse.Namespace, out: s
                                     cuda and torch.cuda.is_bf16_supported())
     engine, _ = make_engine(comp.model, spec["trainer"], device, precision, world)
     votes = StopVote(device, world=max(world, 2))  # one GPU: the multi-rank path in a 1-rank group
-    stop_request = Path(tempfile.mkdtemp(prefix="orch-stop-vote-")) / "attempt-1.stop"  # never created
+    request = Path(tempfile.mkdtemp(prefix="orch-stop-vote-")) / "attempt-1.stop"  # never created
+    stop_asked = StopAsked(request if rank == 0 else None)
 
     def steps(n: int, vote: bool) -> float:
         dist.barrier()
@@ -72,7 +73,7 @@ def rank_main(rank: int, world: int, port: int, args: argparse.Namespace, out: s
             engine.backward(output["loss"])
             engine.step()
             if vote:
-                votes.cast(_signalled.is_set() or rank == 0 and stop_request.exists())
+                votes.cast(stop_asked())
         if cuda:
             torch.cuda.synchronize()
         return time.perf_counter() - began

@@ -186,10 +186,7 @@ def train(spec: dict[str, Any], registry: Registry, run: RunInfo, store: Store |
             store.forget_after(claim, step)
         registry.notify("run_started", run=run, resumed_from=step if resume_tag else None)
     votes = StopVote(device, world)
-
-    def stop_asked() -> bool:
-        """A stop request: the worker's file (rank 0 reads it), or SIGTERM to this rank."""
-        return _signalled.is_set() or rank == 0 and run.stop_request_path.exists()
+    stop_asked = StopAsked(run.stop_request_path if rank == 0 else None)
 
     def evaluate() -> dict[str, float] | None:
         """Every evaluator at this step; None when a stop request interrupted them (every rank agrees)."""
@@ -507,6 +504,23 @@ def _mean_over_ranks(sums: dict[str, torch.Tensor], steps: int) -> dict[str, flo
     return dict(zip(keys, values.cpu().tolist()))
 
 
+class StopAsked:
+    """Whether this rank was asked to stop: SIGTERM to it (with ``ORCH_CHECKPOINT_ON_SIGTERM``), or the worker's
+    stop file, which rank 0 looks for at most every 0.2 s (on a shared filesystem a look can be a round trip to
+    its metadata server, too slow for every step)."""
+
+    def __init__(self, request_path: Path | None) -> None:
+        self.request_path, self.looked = request_path, 0.0
+
+    def __call__(self) -> bool:
+        if _signalled.is_set():
+            return True
+        if self.request_path is None or time.monotonic() - self.looked < 0.2:
+            return False
+        self.looked = time.monotonic()
+        return self.request_path.exists()
+
+
 class StopVote:
     """Whether any rank was asked to stop, agreed on by every rank at the same step, checked every step.
 
@@ -568,7 +582,7 @@ def _evaluate(comp: Composition, model: RunModel, device: torch.device, precisio
     everywhere = trainer["zero"] == 3  # partitioned parameters: every rank must take part in forwards
     if dist.get_rank() == 0 or everywhere:
         ctx = EvalContext(model.image_encoder, model.text_tower, comp.dataset, device, DTYPES[precision])
-        if stop_asked and not everywhere:  # under ZeRO-3 the ranks would have to agree on every batch
+        if stop_asked is not None and not everywhere:  # under ZeRO-3 the ranks would have to agree on every batch
             ctx.stop_asked = stop_asked
         model.eval()
         try:

@@ -1,4 +1,5 @@
-"""The per-step stop vote of ``engine/train.py``: every rank learns of any rank's stop request at the same step."""
+"""The per-step stop check of ``engine/train.py``: what a rank counts as a stop request (``StopAsked``), and the vote
+by which every rank learns of any rank's request at the same step (``StopVote``)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from orchestrator.engine.train import StopVote
+from orchestrator.engine.train import StopAsked, StopVote, _signalled
 from orchestrator.testing import leave_rank
 from tests.conftest import free_port
 
@@ -44,3 +45,23 @@ def test_every_rank_stops_at_the_same_step_two_steps_after_any_rank_is_asked(tmp
 def test_a_lone_rank_stops_at_once() -> None:
     votes = StopVote(torch.device("cpu"), 1)
     assert [votes.cast(asked) for asked in (False, True, False)] == [False, True, False]
+
+
+def test_rank_0_looks_for_the_stop_file_at_most_every_fifth_of_a_second(tmp_path: Path) -> None:
+    request = tmp_path / "attempt-1.stop"
+    asked = StopAsked(request)
+    assert not asked()
+    request.touch()
+    asked.looked = time.monotonic()  # looked just now: the file waits for the next look
+    assert not asked()
+    asked.looked -= 0.2
+    assert asked()
+    assert not StopAsked(None)()  # other ranks never look
+
+
+def test_sigterm_to_a_rank_is_a_request_on_every_rank(tmp_path: Path) -> None:
+    _signalled.set()
+    try:
+        assert StopAsked(None)() and StopAsked(tmp_path / "attempt-1.stop")()
+    finally:
+        _signalled.clear()
