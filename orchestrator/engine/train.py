@@ -204,7 +204,7 @@ def train(spec: dict[str, Any], registry: Registry, run: RunInfo, store: Store |
         if reporter:
             reporter.close()
             _write_result(run, {"stopped": step})
-        dist.destroy_process_group()  # every rank is past the save's barrier
+        dist.destroy_process_group()  # every rank is past the last collective: the save's, or the evaluation's
         raise Stopped(f"checkpoint saved at step {step}")
 
     if eval_pending:  # saved with it: evaluate before training on, as the uninterrupted run did
