@@ -73,10 +73,10 @@ case "${1:-}" in
     all)
         within 150 tests
         within 120 overhead
-        within 60 stop_vote
         within 300 clip ViT-B-16 4
-        within 240 clip ViT-B-32 4
         within 240 gradcache
+        within 60 stop_vote
+        within 240 clip ViT-B-32 4
         ;;
     tests)
         within 600 tests
