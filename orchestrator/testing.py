@@ -363,6 +363,21 @@ def run_info(run_dir: Path, spec: dict[str, Any] | None = None, **fields: Any): 
     return RunInfo(**values)
 
 
+def image_folder(root: Path, classes: Sequence[str], per_class: int = 3) -> Path:
+    """An image folder in ImageFolder layout (one sub-folder per class, as ImageNet's validation folder): each
+    class ``per_class`` random 40 x 48 RGB JPEGs, the same for the same arguments. Returns ``root``."""
+    import torch
+    from PIL import Image
+
+    generator = torch.Generator().manual_seed(0)
+    for name in classes:
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            pixels = (torch.rand(40, 48, 3, generator=generator) * 255).to(torch.uint8).numpy()
+            Image.fromarray(pixels).save(root / name / f"ILSVRC2012_val_{i}.JPEG")
+    return root
+
+
 def eval_context(dataset: Any = None, text: bool = True, image_encoder: Any = None, text_encoder: Any = None):  # noqa: ANN201
     """An ``EvalContext`` on CPU with tiny random towers and (by default) a small labelled dataset."""
     import torch

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import socket
@@ -124,20 +123,12 @@ def wait_until(predicate: Callable[[], object], timeout: float, what: str) -> No
         time.sleep(0.5)
 
 
-def imagenet_folder(root: Path, classes: int = 3, per_class: int = 3) -> Path:
-    """An ImageNet validation folder in ImageFolder layout: the first ``classes`` WordNet ids of imagenet-zs's
-    metadata, ``per_class`` random 40 x 48 JPEGs each (seeded)."""
-    import torch
-    from PIL import Image
+def imagenet_folder(root: Path) -> Path:
+    """An ImageNet validation folder: the first 3 WordNet ids of imagenet-zs's metadata, 3 random JPEGs each."""
+    from orchestrator.testing import image_folder
+    from plugins.evaluators import imagenet_metadata
 
-    wnids = json.loads((ROOT / "plugins" / "evaluators" / "imagenet_zeroshot.json").read_text())["wnids"][:classes]
-    generator = torch.Generator().manual_seed(0)
-    for wnid in wnids:
-        (root / wnid).mkdir(parents=True)
-        for i in range(per_class):
-            pixels = (torch.rand(40, 48, 3, generator=generator) * 255).to(torch.uint8).numpy()
-            Image.fromarray(pixels).save(root / wnid / f"ILSVRC2012_val_{i}.JPEG")
-    return root
+    return image_folder(root, imagenet_metadata()["wnids"][:3])
 
 
 def training_processes(run_dir: Path) -> list[psutil.Process]:
