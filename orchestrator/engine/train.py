@@ -233,13 +233,7 @@ def train(spec: dict[str, Any], registry: Registry, run: RunInfo, store: Store |
                           for b in batches[start:] for a in range(trainer["accum"])]
         return len(batches), iter(loader)  # persistent workers: the same processes, drained of the old epoch
 
-    shards = _Shards()
-    workers = trainer["workers"]
-    loader = torch.utils.data.DataLoader(
-        _EpochIndexed(train_split), batch_sampler=shards, num_workers=workers, pin_memory=device.type == "cuda",
-        collate_fn=partial(_collate_epoch, model=model, seed=trainer["seed"]), persistent_workers=workers > 0,
-        prefetch_factor=trainer.get("prefetch", 2) if workers else None, generator=_loader_generator(trainer, rank),
-        worker_init_fn=loader_worker_init)
+    shards, loader = make_loader(train_split, model, trainer, rank, device)
 
     grad_cache = trainer.get("grad_cache", 0)  # specs queued before the option have none
     interval_start, data_wait = time.perf_counter(), 0.0
@@ -385,6 +379,20 @@ def _decay_groups(params: list[torch.nn.Parameter], weight_decay: float) -> list
 def _constant(step: int) -> float:
     """The LR multiplier of a loss's ``fixed_lr_parameters``: the base rate at every step."""
     return 1.0
+
+
+def make_loader(split: Any, model: RunModel, trainer: dict[str, Any], rank: int,
+                device: torch.device) -> tuple[_Shards, torch.utils.data.DataLoader]:
+    """An attempt's one loader of ``split`` and its batch sampler: set ``shards.batches`` to this rank's
+    ``(epoch, index)`` micro-batches, then iterate. ``--workers`` processes live across epochs, each keeping
+    ``--prefetch`` micro-batches ready; on a GPU the batches come pinned. (bench/loader.py measures this.)"""
+    shards, workers = _Shards(), trainer["workers"]
+    loader = torch.utils.data.DataLoader(
+        _EpochIndexed(split), batch_sampler=shards, num_workers=workers, pin_memory=device.type == "cuda",
+        collate_fn=partial(_collate_epoch, model=model, seed=trainer["seed"]), persistent_workers=workers > 0,
+        prefetch_factor=trainer.get("prefetch", 2) if workers else None, generator=_loader_generator(trainer, rank),
+        worker_init_fn=loader_worker_init)
+    return shards, loader
 
 
 class _Shards:

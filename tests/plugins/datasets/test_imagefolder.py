@@ -7,12 +7,13 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
+from torchvision.transforms.v2 import functional as TF
 
 from orchestrator.errors import UserError
 from orchestrator.registry import Registry
 from orchestrator.spec import resolve_component
 from orchestrator.store import Store
-from plugins.datasets.imagefolder import TEMPLATES, ImageFolder
+from plugins.datasets.imagefolder import TEMPLATES, ImageFolder, load_image
 from tests.conftest import orch
 
 COLOURS = {"dark_blue": (0, 0, 120), "green": (0, 200, 0), "red": (220, 0, 0)}
@@ -175,3 +176,53 @@ def test_orch_run_trains_and_evaluates_zero_shot_on_a_folder(workdir: Path) -> N
     assert bad_run["error"] == (f"imagefolder: cannot read image {bad / 'red' / 'img-1.png'} "
                                 f"(not an image format PIL can read): replace or delete the file")
     assert len(store.attempts(2)) == 1
+
+
+def photo(width: int, height: int, seed: int = 0) -> Image.Image:
+    """Smooth colour fields, as photos are (a bicubic upscale of a coarse random grid)."""
+    generator = torch.Generator().manual_seed(seed)
+    coarse = torch.randint(0, 256, (height // 16 + 1, width // 16 + 1, 3), generator=generator, dtype=torch.uint8)
+    return Image.fromarray(coarse.numpy()).resize((width, height), Image.Resampling.BICUBIC)
+
+
+def pillow_fit(path: Path, size: int, draft: tuple[int, int] | None = None) -> torch.Tensor:
+    """The image decoded whole (or in ``draft`` mode), its centre square cut out and resized by Pillow's bicubic
+    filter (``ImageOps.fit`` would also let the filter read pixels beyond the square's edges)."""
+    with Image.open(path) as img:
+        if draft:
+            img.draft(None, draft)
+        side = min(img.size)
+        left, top = (img.width - side) // 2, (img.height - side) // 2
+        square = img.convert("RGB").crop((left, top, left + side, top + side))
+    return TF.pil_to_tensor(square.resize((size, size), Image.Resampling.BICUBIC)).float() / 255
+
+
+@pytest.mark.parametrize("name,width,height", [("small.jpg", 180, 120), ("large.png", 1600, 1200)])
+def test_an_image_is_decoded_whole_and_resized_as_pillow_does(tmp_path: Path, name: str, width: int,
+                                                               height: int) -> None:
+    """Under 4x the size (or not a JPEG) nothing is skipped: torch's uint8 bicubic resize gives Pillow's pixels."""
+    path = tmp_path / name
+    photo(width, height).save(path, quality=95)
+    difference = (load_image(path, 48, "test") - pillow_fit(path, 48)).abs() * 255
+    assert difference.max() <= 1 and difference.mean() < 0.05  # levels of 255
+
+
+def test_a_large_jpeg_is_decoded_at_a_reduced_scale_that_keeps_twice_the_size(tmp_path: Path) -> None:
+    path = tmp_path / "camera.jpg"
+    photo(1600, 1200).save(path, quality=95)
+    with Image.open(path) as img:
+        img.draft(None, (96, 96))
+        assert img.size == (200, 150)  # libjpeg decodes it at 1/8 scale: at least 96 on both sides
+    loaded = load_image(path, 48, "test")
+    assert ((loaded - pillow_fit(path, 48, draft=(96, 96))).abs() * 255).max() <= 1  # that is what was decoded
+    whole = (loaded - pillow_fit(path, 48)).abs() * 255
+    assert 0 < whole.mean() < 1.5 and whole.max() <= 8  # and it is close to decoding every pixel
+
+
+def test_the_centre_square_is_kept(tmp_path: Path) -> None:
+    """A wide image's side margins are cut, not squeezed in: red | blue | green thirds give a blue square."""
+    pixels = torch.zeros(100, 300, 3, dtype=torch.uint8)
+    pixels[:, :100, 0] = pixels[:, 100:200, 2] = pixels[:, 200:, 1] = 255
+    Image.fromarray(pixels.numpy()).save(tmp_path / "wide.png")
+    image = load_image(tmp_path / "wide.png", 32, "test")
+    assert image[2].min() > 0.95 and image[:2].max() < 0.05
