@@ -223,6 +223,58 @@ def kernel_times(width: int, height: int, repeats: int = 20) -> list[float]:
     return times
 
 
+INDEX_CHILD = """
+import sys, time
+from plugins.datasets.webdataset import WebDataset
+print("ready", flush=True)
+sys.stdin.readline()
+start = time.perf_counter()
+data = WebDataset(sys.argv[1], image_size=224)
+print(time.perf_counter() - start, len(data.train) + len(data.test), flush=True)
+"""
+
+
+def index_times(folder: Path, shards: int, per_shard: int) -> dict[str, float]:
+    """Seconds to build the webdataset plugin over ``shards`` shards of ``per_shard`` samples (what every rank does
+    at the start of every attempt), each build in a fresh interpreter (the import not counted): one process with an
+    empty cache (every shard read: what every rank paid on every attempt before the cache) and with a full one; two
+    ranks started together on an empty cache, as if both were rank 0 (each reads every shard) and as ranks 0 and 1
+    of 2 (each starts at its own half and takes what the other has cached)."""
+    import os
+    import subprocess
+
+    import webdataset as wds
+
+    folder.mkdir(parents=True)
+    image = photo_jpeg(64, 64, seed=0)
+    for s in range(shards):
+        with wds.TarWriter(str(folder / f"{s:05d}.tar")) as sink:
+            for i in range(s * per_shard, (s + 1) * per_shard):
+                sink.write({"__key__": f"{i:09d}", "jpg": image, "txt": f"a photo of item {i} on a table.",
+                            "json": b"{}"})
+    pattern = f"{folder}/{{00000..{shards - 1:05d}}}.tar"
+
+    def build(cache: Path, ranks: list[tuple[int, int]]) -> float:
+        children = [subprocess.Popen([sys.executable, "-c", INDEX_CHILD, pattern], text=True, cwd=_BENCH.parent,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     env={**os.environ, "ORCH_CACHE_DIR": str(cache), "RANK": str(rank),
+                                          "WORLD_SIZE": str(world)}) for rank, world in ranks]
+        for child in children:  # every child has imported: the ranks start together
+            child.stdout.readline()
+        for child in children:
+            child.stdin.write("go\n")
+            child.stdin.flush()
+        outputs = [child.communicate()[0].split() for child in children]
+        if any(child.returncode for child in children) or any(int(n) != shards * per_shard for _, n in outputs):
+            raise SystemExit(f"indexing failed: {outputs}")
+        return max(float(seconds) for seconds, _ in outputs)
+
+    return {"one process, empty cache": build(folder / "cache-1", [(0, 1)]),
+            "one process, cached": build(folder / "cache-1", [(0, 1)]),
+            "2 ranks, empty cache, both from shard 0": build(folder / "cache-2", [(0, 1), (0, 1)]),
+            "2 ranks, empty cache, rank 1 from the middle": build(folder / "cache-3", [(0, 2), (1, 2)])}
+
+
 COLUMNS = ["format", "source", "JPEG KB", "workers", "orch samples/s", "open_clip samples/s", "orch/open_clip",
            "median round"]
 
@@ -241,6 +293,9 @@ def main() -> None:
     parser.add_argument("--round-seconds", type=float, default=2.0, help="passes per round: about this long")
     parser.add_argument("--feed", type=float, default=2593.0,
                         help="a GPU step rate to feed, samples/s (default: ViT-B/16 compiled, one H100)")
+    parser.add_argument("--index-shards", type=int, default=16,
+                        help="shards for the start-up measurement (indexing the shards; 0: skip it)")
+    parser.add_argument("--index-per-shard", type=int, default=2000, help="samples per shard for the start-up")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     if args.images % args.batch_size:
@@ -254,6 +309,13 @@ def main() -> None:
     columns = [*COLUMNS, f"workers for {args.feed:,.0f}/s"]
     rows, records = [], []
     with tempfile.TemporaryDirectory(prefix="orch-loader-") as tmp:
+        index = {}
+        if args.index_shards:
+            samples = args.index_shards * args.index_per_shard
+            index = index_times(Path(tmp) / "index", args.index_shards, args.index_per_shard)
+            print(table(["webdataset start-up", "shards", "samples", "seconds", "us per sample"],
+                        [[what, args.index_shards, samples, seconds, seconds / samples * 1e6]
+                         for what, seconds in index.items()]) + "\n", flush=True)
         for size in args.sizes:
             width, height = (int(x) for x in size.lower().split("x"))
             *data, mean_bytes = write_data(Path(tmp) / size, width, height, args.images, args.shard_size)
@@ -268,7 +330,7 @@ def main() -> None:
                     print(table(columns, rows[-1:]).splitlines()[-1], flush=True)
     print()
     print(table(columns, rows))
-    write_json(args.json, {**info, "args": vars(args), "results": records,
+    write_json(args.json, {**info, "args": vars(args), "results": records, "index_seconds": index,
                            "kernel_ms": [dict(zip(["source", "decode", "draft_decode", "pillow_resize", "torch_resize",
                                                    "load_image"], k)) for k in kernels]})
 

@@ -1,5 +1,5 @@
-"""Small helpers for dataset plugins: a labelled split, captions from prompts, a fixed held-out split, and the
-``worker_init_fn`` of a DataLoader inside a training process.
+"""Small helpers for dataset plugins: a labelled split, captions from prompts, a fixed held-out split, the
+``worker_init_fn`` of a DataLoader inside a training process, and a folder to cache what is slow to recompute.
 
 Captions follow CLIP's prompt templates (Radford et al. 2021, "Learning Transferable Visual Models From
 Natural Language Supervision"): a class name inserted into a format string such as
@@ -8,8 +8,10 @@ Natural Language Supervision"): a class name inserted into a format string such 
 
 from __future__ import annotations
 
+import os
 import signal
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
@@ -79,3 +81,13 @@ def loader_worker_init(worker_id: int) -> None:
     it along at once (torch's own watchdog takes 5 s). Use it for any DataLoader with workers in a rank."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     die_with_parent(signal.SIGKILL)
+
+
+def cache_dir(name: str) -> Path:
+    """A folder for what a plugin computes once per dataset and reads back on every later attempt and rank (an
+    index of tar shards, say): ``$ORCH_CACHE_DIR/NAME``, else ``$XDG_CACHE_HOME/orch/NAME``, else
+    ``~/.cache/orch/NAME``. Not created here: a plugin that cannot write it should carry on without a cache."""
+    root = os.environ.get("ORCH_CACHE_DIR")
+    if not root:
+        root = str(Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "orch")
+    return Path(root).expanduser() / name

@@ -30,6 +30,15 @@ def empty_mlflow_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+@pytest.fixture(autouse=True, scope="session")
+def plugin_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Plugins' caches (the webdataset plugin's shard indexes) go to a folder of this session, not ~/.cache;
+    the subprocesses the tests start inherit it."""
+    path = tmp_path_factory.mktemp("orch-cache")
+    os.environ["ORCH_CACHE_DIR"] = str(path)
+    return path
+
+
 @pytest.fixture
 def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, empty_mlflow_db: Path) -> Path:
     """A fresh working directory with its own default store and runs folder, and a copy of the empty MLflow

@@ -1,21 +1,31 @@
 """Image-caption pairs in WebDataset tar shards: the format img2dataset writes for LAION, CC3M and CC12M.
 
 A shard is a tar file whose members are grouped by sample key (``000123.jpg``, ``000123.txt``,
-``000123.cls`` ...), as the ``webdataset`` library reads and writes them. orch indexes the shards once
-(member offsets, and the captions, which are small) and then reads each image by seeking into its shard:
-the data is map-style, so the run's sampler decides every batch, shards it across ranks without overlap,
-and a resumed run continues at the exact sample; loader workers split the batches. This needs the shards
-on a local or shared file system (not streamed over HTTP).
+``000123.cls`` ...), as the ``webdataset`` library reads and writes them. orch indexes the shards (member
+offsets, and the captions, which are small) and then reads each image by seeking into its shard: the data is
+map-style, so the run's sampler decides every batch, shards it across ranks without overlap, and a resumed run
+continues at the exact sample; loader workers split the batches. This needs the shards on a local or shared
+file system (not streamed over HTTP).
+
+Indexing reads every member header of every shard: minutes for CC3M, and every rank of every attempt builds
+the dataset. So each shard's index is kept in ``cache_dir("webdataset")`` (``~/.cache/orch/webdataset``),
+keyed by the shard's path, size and modification time, and ranks that index at the same time start at
+different shards (rank r of w at shard r/w of the list) and take the shards the others have cached already.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
+import os
 import tarfile
+import tempfile
 from pathlib import Path
 
 from webdataset.tariterators import base_plus_ext
 
+from orchestrator.data import cache_dir
 from orchestrator.errors import UserError
 from plugins.datasets import expand_shards
 from plugins.datasets.csv import TEMPLATES
@@ -33,8 +43,45 @@ class Sample:
         self.shard, self.key, self.offset, self.size = shard, key, offset, size
 
 
+INDEX_FORMAT = 1  # bump when what a cached index holds changes
+
+
 def index_shard(shard: Path, caption_ext: str, label_ext: str | None) -> list[tuple[Sample, str, str | None]]:
-    """(image location, caption, label text) of every complete sample in ``shard``, in tar order."""
+    """(image location, caption, label text) of every complete sample in ``shard``, in tar order: from the cache
+    when this shard (same path, size and modification time) was indexed before with these extensions."""
+    stat = shard.stat()
+    key = json.dumps([INDEX_FORMAT, str(shard), stat.st_size, stat.st_mtime_ns, caption_ext, label_ext])
+    cached = cache_dir("webdataset") / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.json"
+    try:
+        entry = json.loads(cached.read_text())
+        if entry["key"] == key:
+            return [(Sample(shard, k, offset, size), text, label) for k, offset, size, text, label in entry["samples"]]
+    except (OSError, ValueError, KeyError, TypeError):  # not cached yet, or unreadable: index the shard
+        pass
+    samples = read_index(shard, caption_ext, label_ext)
+    rows = [[s.key, s.offset, s.size, text, label] for s, text, label in samples]
+    _write_atomically(cached, json.dumps({"key": key, "samples": rows}))
+    return samples
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    """Write ``path`` whole or not at all (ranks indexing at once may race: the last rename wins, and each is
+    complete); a cache folder that cannot be written just means no cache."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, temporary = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    except OSError:
+        return
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(temporary, path)
+    except OSError:  # a full disk, say: leave no partial file behind
+        Path(temporary).unlink(missing_ok=True)
+
+
+def read_index(shard: Path, caption_ext: str, label_ext: str | None) -> list[tuple[Sample, str, str | None]]:
+    """Index ``shard`` by reading it: every member header, and the caption and label members."""
     try:
         tar = tarfile.open(shard)
     except (OSError, tarfile.TarError) as exc:
@@ -95,7 +142,11 @@ class WebDataset:
 
     def __init__(self, shards: str, caption_ext: str = "txt", label_ext: str | None = None,
                  test_fraction: float = 0.01, image_size: int = 64) -> None:
-        indexed = [s for shard in expand_shards(shards) for s in index_shard(shard, caption_ext, label_ext)]
+        paths = expand_shards(shards)
+        rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+        start = len(paths) * rank // max(world, 1)  # ranks indexing at once split the work through the cache
+        index = {path: index_shard(path, caption_ext, label_ext) for path in paths[start:] + paths[:start]}
+        indexed = [s for path in paths for s in index[path]]
         if len(indexed) < 2:
             raise UserError(f"webdataset: {shards} holds {len(indexed)} sample(s); it needs at least 2, one to "
                             f"train on and one to hold out")

@@ -377,17 +377,20 @@ def test_clip_throughput_bench_runs_tiny(tmp_path: Path) -> None:
 
 def test_loader_bench_feeds_both_pipelines_the_same_images(tmp_path: Path) -> None:
     """bench/loader.py, small: orch's training loader (``make_loader``, with loader workers too) and open_clip's data
-    path deliver every training image of the same shards and CSV, in batches of the same shape."""
+    path deliver every training image of the same shards and CSV, in batches of the same shape; the start-up builds
+    (each checks it indexed every sample) run."""
     import subprocess
 
     out = tmp_path / "loader.json"
     root = Path(__file__).resolve().parents[2]
     result = subprocess.run([sys.executable, "bench/loader.py", "--sizes", "96x64,40x300", "--images", "12",
                              "--batch-size", "4", "--shard-size", "4", "--workers", "0,2", "--rounds", "1",
-                             "--round-seconds", "0", "--json", str(out)], cwd=root, capture_output=True, text=True,
-                            timeout=600)
+                             "--round-seconds", "0", "--index-shards", "3", "--index-per-shard", "10", "--json",
+                             str(out)], cwd=root, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    results = json.loads(out.read_text())["results"]
+    report = json.loads(out.read_text())
+    assert len(report["index_seconds"]) == 4 and all(s > 0 for s in report["index_seconds"].values())
+    results = report["results"]
     assert [(r["format"], r["size"], r["workers"]) for r in results] == [
         (f, s, w) for s in ("96x64", "40x300") for f in ("webdataset", "csv") for w in (0, 2)]
     for r in results:

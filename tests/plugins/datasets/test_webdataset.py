@@ -4,6 +4,7 @@ split, labels from .cls members, one-line errors, and a real run through the eng
 from __future__ import annotations
 
 import io
+import json
 from pathlib import Path
 
 import numpy as np
@@ -123,3 +124,54 @@ def test_orch_run_trains_from_shards_on_two_ranks_with_class_balanced_batches(wo
     assert result.returncode == 0, result.stdout + result.stderr
     metrics = Store.open(f"sqlite:///{workdir}/experiments.db").final_metrics(1)
     assert np.isfinite(metrics["train/loss"]) and 0.0 <= metrics["retrieval/i2t_r1"] <= 100.0
+
+
+def test_a_shard_is_indexed_once_then_read_from_the_cache_until_it_changes(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ORCH_CACHE_DIR", str(tmp_path / "cache"))
+    pattern, _ = write_shards(tmp_path / "shards", shards=2, per_shard=5)
+    first = WebDataset(pattern, label_ext="cls", test_fraction=0.1)
+    cached = sorted((tmp_path / "cache" / "webdataset").glob("*.json"))
+    assert len(cached) == 2  # one index per shard
+    again = WebDataset(pattern, label_ext="cls", test_fraction=0.1)
+    assert again.train.captions == first.train.captions and again.train.labels == first.train.labels
+    assert [(s.shard, s.key, s.offset, s.size) for s in again.train.samples] == \
+        [(s.shard, s.key, s.offset, s.size) for s in first.train.samples]
+    assert torch.equal(again.train[7]["image"], first.train[7]["image"])
+
+    entry = json.loads(cached[0].read_text())  # what a later build reads is the cache, not the shard:
+    shard = 0 if entry["samples"][0][0] == "000000" else 1  # keys: the MNIST index, shard 1 starts at 250
+    entry["samples"][0][3] = "read from the cache"
+    cached[0].write_text(json.dumps(entry))
+    assert WebDataset(pattern, label_ext="cls", test_fraction=0.1).train.captions[shard * 5] == "read from the cache"
+
+    with wds.TarWriter(str(tmp_path / "shards" / f"shard-{shard:03d}.tar")) as sink:  # the shard is rewritten
+        sink.write({"__key__": "new", "png": png(torch.zeros(1, 4, 4)), "txt": "a new sample", "cls": "3"})
+    rebuilt = WebDataset(pattern, label_ext="cls", test_fraction=0.1)
+    assert (rebuilt.train.captions + rebuilt.test.captions)[shard * 5] == "a new sample"
+    assert len(rebuilt.train) + len(rebuilt.test) == 6
+    # other extensions are another index of the same shard
+    WebDataset(pattern, test_fraction=0.1)
+    assert len(list((tmp_path / "cache" / "webdataset").glob("*.json"))) == 5
+
+
+def test_ranks_start_indexing_at_different_shards_and_agree_on_the_order(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    pattern, samples = write_shards(tmp_path / "shards", shards=3, per_shard=4)
+    builds = []
+    for rank in (0, 1, 2):
+        monkeypatch.setenv("ORCH_CACHE_DIR", str(tmp_path / f"cache-{rank}"))  # each indexes every shard itself
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", "3")
+        data = WebDataset(pattern, label_ext="cls", test_fraction=0.25)
+        builds.append((data.train.captions + data.test.captions, [s.shard.name for s in data.train.samples]))
+    assert all(build == builds[0] for build in builds)
+    assert builds[0][0] == [s["text"] for s in samples]
+
+
+def test_a_cache_folder_that_cannot_be_written_means_no_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "a-file").write_text("")
+    monkeypatch.setenv("ORCH_CACHE_DIR", str(tmp_path / "a-file" / "cache"))
+    pattern, samples = write_shards(tmp_path / "shards", shards=1, per_shard=4)
+    data = WebDataset(pattern, test_fraction=0.25)
+    assert data.train.captions + data.test.captions == [s["text"] for s in samples]
