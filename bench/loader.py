@@ -32,6 +32,7 @@ sys.path.insert(0, str(_BENCH.parent))
 import argparse  # noqa: E402
 import csv  # noqa: E402
 import io  # noqa: E402
+import os  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 from typing import Any  # noqa: E402
@@ -63,11 +64,11 @@ def write_data(folder: Path, width: int, height: int, count: int, shard_size: in
     import webdataset as wds
 
     (folder / "images").mkdir(parents=True)
-    starts = [*range(0, count, shard_size), count]  # the last shard holds the held-out image alone
+    bounds = [*range(0, count, shard_size), count, count + 1]  # the last shard holds the held-out image alone
     rows, total = [], 0
-    for s, start in enumerate(starts):
+    for s, (start, end) in enumerate(zip(bounds, bounds[1:])):
         with wds.TarWriter(str(folder / f"{s:05d}.tar")) as sink:
-            for i in range(start, min(start + shard_size, count) if start < count else count + 1):
+            for i in range(start, end):
                 data, text = photo_jpeg(width, height, seed=i), f"a photo of item {i} on a table."
                 sink.write({"__key__": f"{i:06d}", "jpg": data, "txt": text})
                 (folder / "images" / f"{i:06d}.jpg").write_bytes(data)
@@ -77,13 +78,14 @@ def write_data(folder: Path, width: int, height: int, count: int, shard_size: in
         writer = csv.writer(f)
         writer.writerow(["image", "caption"])
         writer.writerows(rows)
-    last = len(starts) - 1
+    last = len(bounds) - 2
     return (f"{folder}/{{00000..{last:05d}}}.tar", f"{folder}/{{00000..{last - 1:05d}}}.tar", folder / "pairs.csv",
             total // len(rows))
 
 
 def orch_loader(data: str, batch_size: int, workers: int, prefetch: int) -> tuple[Any, Any, int]:
-    """orch's training loader (``make_loader``) over the dataset plugin, and one pass's micro-batches."""
+    """orch's training loader (``make_loader``) over the dataset plugin, set to one pass over the first ``n``
+    training samples; the run's tokenizer; ``n``."""
     import torch
 
     from orchestrator.engine.compose import build
@@ -240,7 +242,6 @@ def index_times(folder: Path, shards: int, per_shard: int) -> dict[str, float]:
     empty cache (every shard read: what every rank paid on every attempt before the cache) and with a full one; two
     ranks started together on an empty cache, as if both were rank 0 (each reads every shard) and as ranks 0 and 1
     of 2 (each starts at its own half and takes what the other has cached)."""
-    import os
     import subprocess
 
     import webdataset as wds
@@ -309,6 +310,7 @@ def main() -> None:
     columns = [*COLUMNS, f"workers for {args.feed:,.0f}/s"]
     rows, records = [], []
     with tempfile.TemporaryDirectory(prefix="orch-loader-") as tmp:
+        os.environ["ORCH_CACHE_DIR"] = f"{tmp}/cache"  # the shards' indexes die with them, not in ~/.cache
         index = {}
         if args.index_shards:
             samples = args.index_shards * args.index_per_shard
