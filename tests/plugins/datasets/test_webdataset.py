@@ -158,15 +158,27 @@ def test_a_shard_is_indexed_once_then_read_from_the_cache_until_it_changes(tmp_p
 def test_ranks_start_indexing_at_different_shards_and_agree_on_the_order(tmp_path: Path,
                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     pattern, samples = write_shards(tmp_path / "shards", shards=3, per_shard=4)
+    monkeypatch.setenv("WORLD_SIZE", "3")
     builds = []
     for rank in (0, 1, 2):
         monkeypatch.setenv("ORCH_CACHE_DIR", str(tmp_path / f"cache-{rank}"))  # each indexes every shard itself
         monkeypatch.setenv("RANK", str(rank))
-        monkeypatch.setenv("WORLD_SIZE", "3")
         data = WebDataset(pattern, label_ext="cls", test_fraction=0.25)
         builds.append((data.train.captions + data.test.captions, [s.shard.name for s in data.train.samples]))
     assert all(build == builds[0] for build in builds)
     assert builds[0][0] == [s["text"] for s in samples]
+
+    with wds.TarWriter(str(tmp_path / "shards" / "shard-000.tar")) as sink:  # shard 0 now fails its indexing:
+        sink.write({"__key__": "a", "png": png(torch.zeros(1, 4, 4)), "cls": "1"})
+    indexed_first = []  # so the shards a rank indexed before it are the ones it started with
+    for rank in (0, 1, 2):
+        cache = tmp_path / f"cache-bad-{rank}"
+        monkeypatch.setenv("ORCH_CACHE_DIR", str(cache))
+        monkeypatch.setenv("RANK", str(rank))
+        with pytest.raises(UserError, match="has no txt member"):
+            WebDataset(pattern, label_ext="cls")
+        indexed_first.append(len(list((cache / "webdataset").glob("*.json"))))
+    assert indexed_first == [0, 2, 1]  # rank 0 starts at shard 0; rank 1 at shard 1, then 2; rank 2 at shard 2
 
 
 def test_a_cache_folder_that_cannot_be_written_means_no_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
