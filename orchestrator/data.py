@@ -1,5 +1,6 @@
 """Small helpers for dataset plugins: a labelled split, captions from prompts, a fixed held-out split, the
-``worker_init_fn`` of a DataLoader inside a training process, and a folder to cache what is slow to recompute.
+``worker_init_fn`` of a DataLoader inside a training process, a folder to cache what is slow to recompute, and
+a compact sequence of strings for the captions and paths of millions of samples.
 
 Captions follow CLIP's prompt templates (Radford et al. 2021, "Learning Transferable Visual Models From
 Natural Language Supervision"): a class name inserted into a format string such as
@@ -8,11 +9,13 @@ Natural Language Supervision"): a class name inserted into a format string such 
 
 from __future__ import annotations
 
+import operator
 import os
 import signal
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from orchestrator.launch import die_with_parent
@@ -91,3 +94,82 @@ def cache_dir(name: str) -> Path:
     if not root:
         root = str(Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "orch")
     return Path(root).expanduser() / name
+
+
+class PackedStrings(Sequence[str]):
+    """Strings packed into one UTF-8 buffer, with an array of where each ends: for the captions, keys and file
+    paths of a dataset of millions of samples.
+
+    As a list, each string is a Python object (about 50 bytes over its characters), and reading one writes its
+    reference count. A DataLoader worker is a fork of its rank: every page it writes is copied, so over an epoch
+    each worker copies the whole index, and a garbage collection in a worker copies it at once. Packed, a string
+    costs its UTF-8 bytes plus 8, and reading one writes nothing that the worker shares (bench/loader.py).
+    A slice shares the buffer; pickling (a spawned worker) sends only the slice's own bytes.
+    """
+
+    def __init__(self, strings: Iterable[str] = ()) -> None:
+        encoded = [s.encode() for s in strings]
+        bounds = np.zeros(len(encoded) + 1, dtype=np.int64)
+        np.cumsum([len(b) for b in encoded], out=bounds[1:])
+        self._data, self._bounds = b"".join(encoded), bounds
+
+    @classmethod
+    def from_buffers(cls, data: bytes | np.ndarray, bounds: np.ndarray) -> PackedStrings:
+        """The inverse of ``buffers``: UTF-8 bytes and the n + 1 offsets that delimit n strings in them."""
+        bounds = np.asarray(bounds, dtype=np.int64)
+        data = data.tobytes() if isinstance(data, np.ndarray) else bytes(data)
+        if bounds.ndim != 1 or len(bounds) < 1 or bounds[0] != 0 or bounds[-1] != len(data) \
+                or np.any(np.diff(bounds) < 0):
+            raise ValueError(f"bounds must rise from 0 to {len(data)} (the data's length)")
+        packed = cls.__new__(cls)
+        packed._data, packed._bounds = data, bounds
+        return packed
+
+    @classmethod
+    def concat(cls, parts: Iterable[PackedStrings]) -> PackedStrings:
+        """One sequence of the strings of ``parts``, in order."""
+        buffers = [part.buffers() for part in parts]
+        starts = np.cumsum([0] + [len(data) for data, _ in buffers])
+        bounds = np.concatenate([np.zeros(1, dtype=np.int64)]
+                                + [b[1:] + start for (_, b), start in zip(buffers, starts, strict=False)])
+        return cls.from_buffers(b"".join(data for data, _ in buffers), bounds)
+
+    def buffers(self) -> tuple[bytes, np.ndarray]:
+        """This sequence's own UTF-8 bytes and the offsets (from 0) that delimit its strings."""
+        start = int(self._bounds[0])
+        return self._data[start:int(self._bounds[-1])], self._bounds - start
+
+    def __len__(self) -> int:
+        return len(self._bounds) - 1
+
+    def __getitem__(self, i: int | slice) -> str | PackedStrings:  # as a list: a str, or a slice's sequence
+        if isinstance(i, slice):
+            start, stop, step = i.indices(len(self))
+            if step != 1:
+                return PackedStrings(self[j] for j in range(start, stop, step))
+            view = PackedStrings.__new__(PackedStrings)
+            view._data, view._bounds = self._data, self._bounds[start:max(start, stop) + 1]
+            return view
+        i = operator.index(i)
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError(f"index {i} out of range for {len(self)} strings")
+        return self._data[int(self._bounds[i]):int(self._bounds[i + 1])].decode()
+
+    def __iter__(self) -> Iterator[str]:
+        data, bounds = self._data, self._bounds.tolist()
+        return (data[a:b].decode() for a, b in zip(bounds, bounds[1:], strict=False))
+
+    def __eq__(self, other: object) -> bool:  # equal to a list or tuple of the same strings, as a list is
+        if not isinstance(other, PackedStrings | list | tuple):
+            return NotImplemented
+        return len(self) == len(other) and all(a == b for a, b in zip(self, other, strict=True))
+
+    __hash__ = None  # mutable-looking and compared by value, like a list
+
+    def __reduce__(self) -> tuple:
+        return PackedStrings.from_buffers, self.buffers()
+
+    def __repr__(self) -> str:
+        return f"PackedStrings({len(self)} strings, {len(self._data)} bytes)"

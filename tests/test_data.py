@@ -1,15 +1,22 @@
-"""orchestrator.data: labelled splits, captions and the fixed held-out split."""
+"""orchestrator.data: labelled splits, captions, the fixed held-out split, loader workers and packed strings."""
 
+import gc
+import os
+import pickle
 import signal
 import subprocess
 import sys
 import time
+import tracemalloc
+from pathlib import Path
 
 import psutil
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from orchestrator.data import LabelledSplit, caption, held_out, labelled_splits, loader_worker_init
+from orchestrator.data import LabelledSplit, PackedStrings, caption, held_out, labelled_splits, loader_worker_init
 
 NAMES = ["cat", "dog", "eel"]
 TEMPLATES = ["a photo of a {}.", "a drawing of a {}."]
@@ -111,3 +118,75 @@ def _dead(process: psutil.Process) -> bool:
         return process.status() == psutil.STATUS_ZOMBIE  # an orphan waits for init to reap it
     except psutil.NoSuchProcess:
         return True
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.text(max_size=6), max_size=8), st.integers(-10, 10), st.integers(-10, 10),
+       st.sampled_from([None, 1, 2, -1]), st.integers(-10, 10))
+def test_packed_strings_behave_as_the_list(strings: list[str], start: int, stop: int, step: int | None,
+                                           i: int) -> None:
+    packed = PackedStrings(strings)
+    assert len(packed) == len(strings) and list(packed) == strings and packed == strings
+    if -len(strings) <= i < len(strings):
+        assert packed[i] == strings[i]
+    else:
+        with pytest.raises(IndexError):
+            packed[i]
+    part = packed[start:stop:step]
+    assert list(part) == strings[start:stop:step] and len(part) == len(strings[start:stop:step])
+    assert list(pickle.loads(pickle.dumps(part))) == strings[start:stop:step]
+    assert list(PackedStrings.concat([part, packed])) == strings[start:stop:step] + strings
+    assert list(PackedStrings.from_buffers(*part.buffers())) == strings[start:stop:step]
+
+
+def test_a_packed_slice_shares_the_buffer_but_pickles_only_its_own_bytes() -> None:
+    packed = PackedStrings(f"caption number {i}" for i in range(10_000))
+    part = packed[5000:5002]
+    assert part.buffers()[0] == b"caption number 5000caption number 5001"
+    assert len(pickle.dumps(part)) < 1000 < len(pickle.dumps(packed))
+    with pytest.raises(ValueError, match="bounds must rise"):
+        PackedStrings.from_buffers(b"abc", [0, 2, 1, 3])
+
+
+def test_packed_strings_cost_their_bytes_and_eight_more() -> None:
+    captions = [f"a photo of item {i} on a table, with a few more words." for i in range(100_000)]
+    text_bytes = sum(len(c.encode()) for c in captions)
+    gc.collect()
+    tracemalloc.start()
+    packed = PackedStrings(captions)
+    held = tracemalloc.get_traced_memory()[0]
+    tracemalloc.stop()
+    assert held < text_bytes + 8 * len(captions) + 10_000
+    assert list(packed[-2:]) == captions[-2:]
+
+
+def _private_dirty_bytes() -> int:
+    for line in Path("/proc/self/smaps_rollup").read_text().splitlines():
+        if line.startswith("Private_Dirty:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no Private_Dirty in smaps_rollup")
+
+
+def _copied_by_reading_in_a_fork(strings: list[str] | PackedStrings) -> int:
+    """Bytes a forked child (as a DataLoader worker is) copies from its parent by reading every string once."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        before = _private_dirty_bytes()
+        for i in range(len(strings)):
+            strings[i]
+        os.write(write, str(_private_dirty_bytes() - before).encode())
+        os._exit(0)
+    os.waitpid(pid, 0)
+    os.close(write)
+    with os.fdopen(read) as f:
+        return int(f.read())
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps_rollup").exists(), reason="reads Linux's /proc/self/smaps_rollup")
+def test_a_forked_loader_worker_reads_packed_strings_without_copying_them() -> None:
+    captions = [f"a photo of item {i} on a table, with a few more words." for i in range(100_000)]
+    packed = PackedStrings(captions)
+    listed = _copied_by_reading_in_a_fork(captions)  # each str's reference count is written: its page is copied
+    assert listed > 4_000_000, f"the measurement should see the list's pages copied ({listed} bytes)"
+    assert _copied_by_reading_in_a_fork(packed) < 500_000

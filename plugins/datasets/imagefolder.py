@@ -17,7 +17,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torchvision.transforms.v2 import functional as TF
 
-from orchestrator.data import caption, held_out
+from orchestrator.data import PackedStrings, caption, held_out
 from orchestrator.errors import UserError
 from plugins.datasets import class_folders, image_files
 
@@ -49,7 +49,7 @@ def verify_image(path: Path, where: str) -> None:
         raise UserError(f"{where}: cannot read image {path} ({_reason(exc)}): replace or delete the file") from None
 
 
-def load_image(path: Path | BinaryIO, size: int, where: str, name: str | None = None) -> torch.Tensor:
+def load_image(path: str | Path | BinaryIO, size: int, where: str, name: str | None = None) -> torch.Tensor:
     """3 x size x size RGB floats in [0, 1]: the centre square, bicubic-resized (antialiased) to ``size``.
     ``path`` may be an open binary file (a tar member), then ``name`` says which image it is.
 
@@ -72,11 +72,13 @@ def load_image(path: Path | BinaryIO, size: int, where: str, name: str | None = 
 
 
 class ImageFiles:
-    """A split whose images are decoded from their files when indexed; ``labels`` is None when unlabelled."""
+    """A split whose images are decoded from their files when indexed; ``labels`` is None when unlabelled.
+    Paths and captions are packed (``PackedStrings``): a CSV of millions of rows held as Path objects costs
+    hundreds of bytes a row, and every loader worker would copy them."""
 
     def __init__(self, files: Sequence[Path], captions: Sequence[str], labels: Sequence[int] | None,
                  image_size: int, where: str) -> None:
-        self.files, self.captions = list(files), list(captions)
+        self.files, self.captions = PackedStrings(str(f) for f in files), PackedStrings(captions)
         self.labels = None if labels is None else [int(y) for y in labels]
         self.image_size, self.where = image_size, where
 

@@ -11,6 +11,8 @@ Indexing reads every member header of every shard: minutes for CC3M, and every r
 the dataset. So each shard's index is kept in ``cache_dir("webdataset")`` (``~/.cache/orch/webdataset``),
 keyed by the shard's path, size and modification time, and ranks that index at the same time start at
 different shards (rank r of w at shard r/w of the list) and take the shards the others have cached already.
+The index is held as arrays (about 36 bytes a sample over its key and caption), which forked loader workers
+share without copying.
 """
 
 from __future__ import annotations
@@ -21,11 +23,16 @@ import json
 import os
 import tarfile
 import tempfile
+import zipfile
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
+import numpy as np
 from webdataset.tariterators import base_plus_ext
 
-from orchestrator.data import cache_dir
+from orchestrator.data import PackedStrings, cache_dir
 from orchestrator.errors import UserError
 from plugins.datasets import expand_shards
 from plugins.datasets.csv import TEMPLATES
@@ -34,37 +41,62 @@ from plugins.datasets.imagefolder import load_image
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 
 
-class Sample:
-    """Where one sample's image lives: its shard, the key, and the byte range of the image member."""
-
-    __slots__ = ("shard", "key", "offset", "size")
-
-    def __init__(self, shard: Path, key: str, offset: int, size: int) -> None:
-        self.shard, self.key, self.offset, self.size = shard, key, offset, size
+INDEX_FORMAT = 2  # bump when what a cached index holds changes
 
 
-INDEX_FORMAT = 1  # bump when what a cached index holds changes
+@dataclass
+class ShardIndex:
+    """Every complete sample of one shard, in tar order: its key, where its image member's bytes are, its
+    caption and its label text (None without ``label_ext``). Arrays, not an object per sample (``PackedStrings``
+    says why: a rank holds this for every sample, and its loader workers are forks of it)."""
+
+    keys: PackedStrings
+    offsets: np.ndarray
+    sizes: np.ndarray
+    captions: PackedStrings
+    labels: PackedStrings | None
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """The index as named arrays, the form it is cached in."""
+        out = {"offsets": self.offsets, "sizes": self.sizes}
+        for name in ("keys", "captions", "labels"):
+            if getattr(self, name) is not None:
+                data, bounds = getattr(self, name).buffers()
+                out[f"{name}_data"], out[f"{name}_bounds"] = np.frombuffer(data, dtype=np.uint8), bounds
+        return out
+
+    @classmethod
+    def from_arrays(cls, arrays: Mapping[str, np.ndarray]) -> ShardIndex:
+        def strings(name: str) -> PackedStrings | None:
+            if f"{name}_data" not in arrays:
+                return None
+            return PackedStrings.from_buffers(arrays[f"{name}_data"], arrays[f"{name}_bounds"])
+
+        index = cls(strings("keys"), np.asarray(arrays["offsets"], dtype=np.int64),
+                    np.asarray(arrays["sizes"], dtype=np.int64), strings("captions"), strings("labels"))
+        if not len(index.keys) == len(index.offsets) == len(index.sizes) == len(index.captions):
+            raise ValueError("the arrays of a shard index differ in length")
+        return index
 
 
-def index_shard(shard: Path, caption_ext: str, label_ext: str | None) -> list[tuple[Sample, str, str | None]]:
-    """(image location, caption, label text) of every complete sample in ``shard``, in tar order: from the cache
-    when this shard (same path, size and modification time) was indexed before with these extensions."""
+def index_shard(shard: Path, caption_ext: str, label_ext: str | None) -> ShardIndex:
+    """The index of ``shard``: from the cache when this shard (same path, size and modification time) was
+    indexed before with these extensions, else by reading it (and then cached)."""
     stat = shard.stat()
     key = json.dumps([INDEX_FORMAT, str(shard), stat.st_size, stat.st_mtime_ns, caption_ext, label_ext])
-    cached = cache_dir("webdataset") / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.json"
+    cached = cache_dir("webdataset") / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.npz"
     try:
-        entry = json.loads(cached.read_text())
-        if entry["key"] == key:
-            return [(Sample(shard, k, offset, size), text, label) for k, offset, size, text, label in entry["samples"]]
-    except (OSError, ValueError, KeyError, TypeError):  # not cached yet, or unreadable: index the shard
+        with np.load(cached, allow_pickle=False) as entry:
+            if str(entry["key"]) == key:
+                return ShardIndex.from_arrays(entry)
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):  # not cached yet, or unreadable
         pass
-    samples = read_index(shard, caption_ext, label_ext)
-    rows = [[s.key, s.offset, s.size, text, label] for s, text, label in samples]
-    _write_atomically(cached, json.dumps({"key": key, "samples": rows}))
-    return samples
+    index = read_index(shard, caption_ext, label_ext)
+    _write_atomically(cached, lambda f: np.savez(f, key=np.array(key), **index.arrays()))
+    return index
 
 
-def _write_atomically(path: Path, text: str) -> None:
+def _write_atomically(path: Path, write: Callable[[BinaryIO], object]) -> None:
     """Write ``path`` whole or not at all (ranks indexing at once may race: the last rename wins, and each is
     complete); a cache folder that cannot be written just means no cache."""
     try:
@@ -73,14 +105,14 @@ def _write_atomically(path: Path, text: str) -> None:
     except OSError:
         return
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            write(f)
         os.replace(temporary, path)
     except OSError:  # a full disk, say: leave no partial file behind
         Path(temporary).unlink(missing_ok=True)
 
 
-def read_index(shard: Path, caption_ext: str, label_ext: str | None) -> list[tuple[Sample, str, str | None]]:
+def read_index(shard: Path, caption_ext: str, label_ext: str | None) -> ShardIndex:
     """Index ``shard`` by reading it: every member header, and the caption and label members."""
     try:
         tar = tarfile.open(shard)
@@ -92,7 +124,7 @@ def read_index(shard: Path, caption_ext: str, label_ext: str | None) -> list[tup
             key, ext = base_plus_ext(member.name) if member.isfile() else (None, None)
             if key is not None:
                 groups.setdefault(key, {})[ext.lower()] = member
-        samples = []
+        keys, offsets, sizes, captions, labels = [], [], [], [], []
         for key, members in groups.items():
             image = next((members[e] for e in IMAGE_EXTENSIONS if e in members), None)
             missing = [what for what, ok in (("image (" + "/".join(IMAGE_EXTENSIONS) + ")", image),
@@ -102,27 +134,35 @@ def read_index(shard: Path, caption_ext: str, label_ext: str | None) -> list[tup
                 have = ", ".join(sorted(members))
                 raise UserError(f"webdataset: sample {key} in {shard} has no {missing[0]} member (it has {have}): "
                                 f"fix the shard or set caption_ext=/label_ext= to the extensions it uses")
-            text = tar.extractfile(members[caption_ext]).read().decode("utf-8").strip()
-            label = tar.extractfile(members[label_ext]).read().decode("utf-8").strip() if label_ext else None
-            samples.append((Sample(shard, key, image.offset_data, image.size), text, label))
-    return samples
+            keys.append(key)
+            offsets.append(image.offset_data)
+            sizes.append(image.size)
+            captions.append(tar.extractfile(members[caption_ext]).read().decode("utf-8").strip())
+            if label_ext:
+                labels.append(tar.extractfile(members[label_ext]).read().decode("utf-8").strip())
+    return ShardIndex(PackedStrings(keys), np.array(offsets, dtype=np.int64), np.array(sizes, dtype=np.int64),
+                      PackedStrings(captions), PackedStrings(labels) if label_ext else None)
 
 
 class ShardSplit:
-    """A split whose images are read from their shards when indexed; ``labels`` is None when unlabelled."""
+    """A split whose images are read from their shards when indexed; ``labels`` is None when unlabelled.
+    Sample i's image is the ``sizes[i]`` bytes at ``offsets[i]`` of ``shards[shard_ids[i]]``."""
 
-    def __init__(self, samples: list[Sample], captions: list[str], labels: list[int] | None, image_size: int):
-        self.samples, self.captions, self.labels, self.image_size = samples, captions, labels, image_size
+    def __init__(self, shards: list[Path], shard_ids: np.ndarray, index: ShardIndex, labels: list[int] | None,
+                 image_size: int) -> None:
+        self.shards, self.shard_ids, self.image_size = shards, shard_ids, image_size
+        self.keys, self.offsets, self.sizes, self.captions = index.keys, index.offsets, index.sizes, index.captions
+        self.labels = labels
 
     def __len__(self) -> int:
-        return len(self.samples)
+        return len(self.captions)
 
     def __getitem__(self, i: int) -> dict:
-        sample = self.samples[i]
-        with open(sample.shard, "rb") as f:
-            f.seek(sample.offset)
-            data = io.BytesIO(f.read(sample.size))
-        image = load_image(data, self.image_size, "webdataset", name=f"{sample.key} in {sample.shard}")
+        shard = self.shards[self.shard_ids[i]]
+        with open(shard, "rb") as f:
+            f.seek(int(self.offsets[i]))
+            data = io.BytesIO(f.read(int(self.sizes[i])))
+        image = load_image(data, self.image_size, "webdataset", name=f"{self.keys[i]} in {shard}")
         item: dict = {"image": image, "text": self.captions[i]}
         if self.labels is not None:
             item["label"] = self.labels[i]
@@ -145,21 +185,27 @@ class WebDataset:
         paths = expand_shards(shards)
         rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
         start = len(paths) * rank // max(world, 1)  # ranks indexing at once split the work through the cache
-        index = {path: index_shard(path, caption_ext, label_ext) for path in paths[start:] + paths[:start]}
-        indexed = [s for path in paths for s in index[path]]
-        if len(indexed) < 2:
-            raise UserError(f"webdataset: {shards} holds {len(indexed)} sample(s); it needs at least 2, one to "
-                            f"train on and one to hold out")
+        by_path = {path: index_shard(path, caption_ext, label_ext) for path in paths[start:] + paths[:start]}
+        parts = [by_path[path] for path in paths]
+        n = sum(len(part.keys) for part in parts)
+        if n < 2:
+            raise UserError(f"webdataset: {shards} holds {n} sample(s); it needs at least 2, one to train on and "
+                            f"one to hold out")
+        index = ShardIndex(PackedStrings.concat(p.keys for p in parts),
+                           np.concatenate([p.offsets for p in parts]), np.concatenate([p.sizes for p in parts]),
+                           PackedStrings.concat(p.captions for p in parts),
+                           PackedStrings.concat(p.labels for p in parts) if label_ext else None)
+        shard_ids = np.repeat(np.arange(len(paths), dtype=np.int32), [len(p.keys) for p in parts])
         labels = None
-        if label_ext:
-            self.class_names = sorted({label for _, _, label in indexed}, key=_label_order)
+        if index.labels is not None:
+            self.class_names = sorted(set(index.labels), key=_label_order)
             self.templates = list(TEMPLATES)
-            index = {name: i for i, name in enumerate(self.class_names)}
-            labels = [index[label] for _, _, label in indexed]
-        n = len(indexed)
+            class_of = {name: i for i, name in enumerate(self.class_names)}
+            labels = [class_of[label] for label in index.labels]
         k = min(max(round(n * test_fraction), 1), n - 1)
         self.train, self.test = (
-            ShardSplit([s for s, _, _ in indexed[part]], [t for _, t, _ in indexed[part]],
+            ShardSplit(paths, shard_ids[part], ShardIndex(index.keys[part], index.offsets[part], index.sizes[part],
+                                                          index.captions[part], None),
                        None if labels is None else labels[part], image_size)
             for part in (slice(0, n - k), slice(n - k, n))
         )

@@ -3,8 +3,9 @@ split, labels from .cls members, one-line errors, and a real run through the eng
 
 from __future__ import annotations
 
+import gc
 import io
-import json
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,7 @@ import torch
 import webdataset as wds
 from PIL import Image
 
+from orchestrator.data import PackedStrings
 from orchestrator.errors import UserError
 from orchestrator.registry import Registry
 from orchestrator.spec import resolve_component
@@ -53,7 +55,7 @@ def test_shards_are_indexed_in_order_and_read_back_exactly(tmp_path: Path) -> No
     pattern, samples = write_shards(tmp_path / "shards")
     data = WebDataset(pattern, label_ext="cls", test_fraction=0.1, image_size=28)
     assert (len(data.train), len(data.test)) == (54, 6)  # the last 10% of the samples, in shard order
-    assert data.train.captions + data.test.captions == [s["text"] for s in samples]
+    assert [*data.train.captions, *data.test.captions] == [s["text"] for s in samples]
     assert data.train.labels + data.test.labels == [s["label"] for s in samples]
     assert data.class_names == sorted({str(s["label"]) for s in samples}, key=int)
     for i in (0, 19, 20, 53):  # first and last of a shard, the next shard
@@ -131,28 +133,33 @@ def test_a_shard_is_indexed_once_then_read_from_the_cache_until_it_changes(tmp_p
     monkeypatch.setenv("ORCH_CACHE_DIR", str(tmp_path / "cache"))
     pattern, _ = write_shards(tmp_path / "shards", shards=2, per_shard=5)
     first = WebDataset(pattern, label_ext="cls", test_fraction=0.1)
-    cached = sorted((tmp_path / "cache" / "webdataset").glob("*.json"))
+    cached = sorted((tmp_path / "cache" / "webdataset").glob("*.npz"))
     assert len(cached) == 2  # one index per shard
     again = WebDataset(pattern, label_ext="cls", test_fraction=0.1)
     assert again.train.captions == first.train.captions and again.train.labels == first.train.labels
-    assert [(s.shard, s.key, s.offset, s.size) for s in again.train.samples] == \
-        [(s.shard, s.key, s.offset, s.size) for s in first.train.samples]
+    assert again.train.keys == first.train.keys and again.train.shards == first.train.shards
+    for name in ("shard_ids", "offsets", "sizes"):
+        assert np.array_equal(getattr(again.train, name), getattr(first.train, name))
     assert torch.equal(again.train[7]["image"], first.train[7]["image"])
 
-    entry = json.loads(cached[0].read_text())  # what a later build reads is the cache, not the shard:
-    shard = 0 if entry["samples"][0][0] == "000000" else 1  # keys: the MNIST index, shard 1 starts at 250
-    entry["samples"][0][3] = "read from the cache"
-    cached[0].write_text(json.dumps(entry))
+    with np.load(cached[0]) as entry:  # what a later build reads is the cache, not the shard:
+        arrays = dict(entry)
+    shard = 0 if bytes(arrays["keys_data"][:6]) == b"000000" else 1  # keys: the MNIST index; shard 1 starts at 250
+    captions = PackedStrings.from_buffers(arrays["captions_data"], arrays["captions_bounds"])
+    data, bounds = PackedStrings(["read from the cache", *captions[1:]]).buffers()
+    np.savez(cached[0], **{**arrays, "captions_data": np.frombuffer(data, np.uint8), "captions_bounds": bounds})
     assert WebDataset(pattern, label_ext="cls", test_fraction=0.1).train.captions[shard * 5] == "read from the cache"
+    cached[0].write_bytes(b"not an index")  # an unreadable entry is indexed again
+    assert WebDataset(pattern, label_ext="cls", test_fraction=0.1).train.captions == first.train.captions
 
     with wds.TarWriter(str(tmp_path / "shards" / f"shard-{shard:03d}.tar")) as sink:  # the shard is rewritten
         sink.write({"__key__": "new", "png": png(torch.zeros(1, 4, 4)), "txt": "a new sample", "cls": "3"})
     rebuilt = WebDataset(pattern, label_ext="cls", test_fraction=0.1)
-    assert (rebuilt.train.captions + rebuilt.test.captions)[shard * 5] == "a new sample"
+    assert [*rebuilt.train.captions, *rebuilt.test.captions][shard * 5] == "a new sample"
     assert len(rebuilt.train) + len(rebuilt.test) == 6
     # other extensions are another index of the same shard
     WebDataset(pattern, test_fraction=0.1)
-    assert len(list((tmp_path / "cache" / "webdataset").glob("*.json"))) == 5
+    assert len(list((tmp_path / "cache" / "webdataset").glob("*.npz"))) == 5
 
 
 def test_ranks_start_indexing_at_different_shards_and_agree_on_the_order(tmp_path: Path,
@@ -164,7 +171,8 @@ def test_ranks_start_indexing_at_different_shards_and_agree_on_the_order(tmp_pat
         monkeypatch.setenv("ORCH_CACHE_DIR", str(tmp_path / f"cache-{rank}"))  # each indexes every shard itself
         monkeypatch.setenv("RANK", str(rank))
         data = WebDataset(pattern, label_ext="cls", test_fraction=0.25)
-        builds.append((data.train.captions + data.test.captions, [s.shard.name for s in data.train.samples]))
+        builds.append(([*data.train.captions, *data.test.captions],
+                       [data.train.shards[i].name for i in data.train.shard_ids]))
     assert all(build == builds[0] for build in builds)
     assert builds[0][0] == [s["text"] for s in samples]
 
@@ -177,7 +185,7 @@ def test_ranks_start_indexing_at_different_shards_and_agree_on_the_order(tmp_pat
         monkeypatch.setenv("RANK", str(rank))
         with pytest.raises(UserError, match="has no txt member"):
             WebDataset(pattern, label_ext="cls")
-        indexed_first.append(len(list((cache / "webdataset").glob("*.json"))))
+        indexed_first.append(len(list((cache / "webdataset").glob("*.npz"))))
     assert indexed_first == [0, 2, 1]  # rank 0 starts at shard 0; rank 1 at shard 1, then 2; rank 2 at shard 2
 
 
@@ -186,4 +194,24 @@ def test_a_cache_folder_that_cannot_be_written_means_no_cache(tmp_path: Path, mo
     monkeypatch.setenv("ORCH_CACHE_DIR", str(tmp_path / "a-file" / "cache"))
     pattern, samples = write_shards(tmp_path / "shards", shards=1, per_shard=4)
     data = WebDataset(pattern, test_fraction=0.25)
-    assert data.train.captions + data.test.captions == [s["text"] for s in samples]
+    assert [*data.train.captions, *data.test.captions] == [s["text"] for s in samples]
+
+
+def test_the_index_holds_arrays_not_an_object_per_sample(tmp_path: Path) -> None:
+    folder, n = tmp_path / "shards", 8000
+    folder.mkdir()
+    for s in range(2):
+        with wds.TarWriter(str(folder / f"{s}.tar")) as sink:
+            for i in range(s * n // 2, (s + 1) * n // 2):
+                sink.write({"__key__": f"{i:06d}", "jpg": b"tiny", "txt": f"a photo of item {i} on a table."})
+    for _ in range(2):  # indexed and cached, then read from the cache once (its first read imports codecs)
+        WebDataset(f"{folder}/{{0..1}}.tar")
+    gc.collect()
+    tracemalloc.start()
+    data = WebDataset(f"{folder}/{{0..1}}.tar")
+    held = tracemalloc.get_traced_memory()[0]
+    tracemalloc.stop()
+    text = sum(len(k) + len(c) for split in (data.train, data.test) for k, c in zip(split.keys, split.captions))
+    # a shard number, offset, size, and where the key and the caption end: 36 bytes over the text
+    assert held < text + 36 * n + 50_000, f"{(held - text) / n:.0f} bytes a sample over the key and caption"
+    assert data.train.captions[17] == "a photo of item 17 on a table." and data.test.keys[-1] == f"{n - 1:06d}"
