@@ -236,7 +236,7 @@ print(time.perf_counter() - start, len(data.train) + len(data.test), flush=True)
 """
 
 
-def index_times(folder: Path, shards: int, per_shard: int) -> dict[str, float]:
+def index_times(folder: Path, shards: int, per_shard: int) -> tuple[str, dict[str, float]]:
     """Seconds to build the webdataset plugin over ``shards`` shards of ``per_shard`` samples (what every rank does
     at the start of every attempt), each build in a fresh interpreter (the import not counted): one process with an
     empty cache (every shard read: what every rank paid on every attempt before the cache) and with a full one; two
@@ -270,10 +270,92 @@ def index_times(folder: Path, shards: int, per_shard: int) -> dict[str, float]:
             raise SystemExit(f"indexing failed: {outputs}")
         return max(float(seconds) for seconds, _ in outputs)
 
-    return {"one process, empty cache": build(folder / "cache-1", [(0, 1)]),
-            "one process, cached": build(folder / "cache-1", [(0, 1)]),
-            "2 ranks, empty cache, both from shard 0": build(folder / "cache-2", [(0, 1), (0, 1)]),
-            "2 ranks, empty cache, rank 1 from the middle": build(folder / "cache-3", [(0, 2), (1, 2)])}
+    return pattern, {"one process, empty cache": build(folder / "cache-1", [(0, 1)]),
+                     "one process, cached": build(folder / "cache-1", [(0, 1)]),
+                     "2 ranks, empty cache, both from shard 0": build(folder / "cache-2", [(0, 1), (0, 1)]),
+                     "2 ranks, empty cache, rank 1 from the middle": build(folder / "cache-3", [(0, 2), (1, 2)])}
+
+
+MEMORY_CHILD = """
+import gc, json, os, sys, tracemalloc
+from pathlib import Path
+import torch
+import plugins.datasets.imagefolder, plugins.datasets.webdataset
+from plugins.datasets.csv import CSVPairs
+from plugins.datasets.imagefolder import ImageFolder
+from plugins.datasets.webdataset import WebDataset
+
+def private_dirty():
+    lines = Path("/proc/self/smaps_rollup").read_text().splitlines()
+    return next(int(line.split()[1]) * 1024 for line in lines if line.startswith("Private_Dirty:"))
+
+def copied_in_a_fork(work):
+    read, write = os.pipe()
+    if os.fork() == 0:
+        before = private_dirty()
+        work()
+        os.write(write, str(private_dirty() - before).encode())
+        os._exit(0)
+    os.wait()
+    os.close(write)
+    return int(os.read(read, 64))
+
+def build():
+    kind = {"webdataset": WebDataset, "csv": CSVPairs, "imagefolder": ImageFolder}[sys.argv[1]]
+    return kind(sys.argv[2], image_size=224)
+
+build(), build()  # the shards' index cached and lazy imports done: the build below is a rank's usual one
+gc.collect()
+gc_without = copied_in_a_fork(gc.collect)
+tracemalloc.start()
+data = build()
+held = tracemalloc.get_traced_memory()[0]
+tracemalloc.stop()
+gc.collect()
+image = torch.zeros(3, 224, 224)
+plugins.datasets.webdataset.load_image = plugins.datasets.imagefolder.load_image = lambda *a, **k: image
+
+def read_every_sample():
+    for i in range(len(data.train)):
+        data.train[i]
+
+print(json.dumps({"samples": len(data.train) + len(data.test), "train": len(data.train), "held": held,
+                  "read": copied_in_a_fork(read_every_sample), "gc": copied_in_a_fork(gc.collect),
+                  "gc_without": gc_without}))
+"""
+
+
+def index_memory(folder: Path, pattern: str, samples: int) -> list[dict[str, Any]]:
+    """What a dataset's index costs a rank and its loader workers, for the webdataset shards of ``index_times``
+    (``pattern``), and for as many image files listed in a CSV and as an ImageFolder tree: the bytes held
+    (tracemalloc, a build from the cache), the bytes a forked worker copies from its rank by reading every
+    training sample once (``Private_Dirty``; image decoding replaced by a constant so that only the index is
+    read), and what one full garbage collection in a worker copies, with the dataset and without it. Each
+    format in a fresh interpreter."""
+    import json
+    import subprocess
+
+    from PIL import Image
+
+    image = io.BytesIO()
+    Image.new("RGB", (8, 8), (90, 120, 150)).save(image, "JPEG")
+    rows = []
+    for i in range(samples):  # img2dataset's layout: a folder per 10,000 images
+        path = folder / "images" / f"{i // 10_000:05d}" / f"{i:09d}.jpg"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(image.getvalue())
+        rows.append([str(path.relative_to(folder)), f"a photo of item {i} on a table."])
+    with open(folder / "pairs.csv", "w", newline="") as f:
+        csv.writer(f).writerows([["image", "caption"], *rows])
+    results = []
+    for fmt, source in (("webdataset", pattern), ("csv", str(folder / "pairs.csv")),
+                        ("imagefolder", str(folder / "images"))):
+        out = subprocess.run([sys.executable, "-c", MEMORY_CHILD, fmt, source], cwd=_BENCH.parent, text=True,
+                             capture_output=True)
+        if out.returncode:
+            raise SystemExit(f"index memory ({fmt}) failed: {out.stderr}")
+        results.append({"format": fmt, **json.loads(out.stdout.splitlines()[-1])})
+    return results
 
 
 COLUMNS = ["format", "source", "JPEG KB", "workers", "orch samples/s", "open_clip samples/s", "orch/open_clip",
@@ -311,13 +393,19 @@ def main() -> None:
     rows, records = [], []
     with tempfile.TemporaryDirectory(prefix="orch-loader-") as tmp:
         os.environ["ORCH_CACHE_DIR"] = f"{tmp}/cache"  # the shards' indexes die with them, not in ~/.cache
-        index = {}
+        index, memory = {}, []
         if args.index_shards:
             samples = args.index_shards * args.index_per_shard
-            index = index_times(Path(tmp) / "index", args.index_shards, args.index_per_shard)
+            pattern, index = index_times(Path(tmp) / "index", args.index_shards, args.index_per_shard)
             print(table(["webdataset start-up", "shards", "samples", "seconds", "us per sample"],
                         [[what, args.index_shards, samples, seconds, seconds / samples * 1e6]
                          for what, seconds in index.items()]) + "\n", flush=True)
+            if Path("/proc/self/smaps_rollup").exists():
+                memory = index_memory(Path(tmp) / "index", pattern, samples)
+                print(table(["index memory", "samples", "held B/sample", "a worker copies reading every sample, "
+                             "B/sample", "gc.collect() in a worker copies, MiB", "without the dataset, MiB"],
+                            [[m["format"], m["samples"], m["held"] / m["samples"], m["read"] / m["train"],
+                              m["gc"] / 2**20, m["gc_without"] / 2**20] for m in memory]) + "\n", flush=True)
         for size in args.sizes:
             width, height = (int(x) for x in size.lower().split("x"))
             *data, mean_bytes = write_data(Path(tmp) / size, width, height, args.images, args.shard_size)
@@ -333,6 +421,7 @@ def main() -> None:
     print()
     print(table(columns, rows))
     write_json(args.json, {**info, "args": vars(args), "results": records, "index_seconds": index,
+                           "index_memory": memory,
                            "kernel_ms": [dict(zip(["source", "decode", "draft_decode", "pillow_resize", "torch_resize",
                                                    "load_image"], k)) for k in kernels]})
 

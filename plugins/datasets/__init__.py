@@ -9,6 +9,7 @@ run here at queue time through ``resolve=``; decoding images waits for the worke
 from __future__ import annotations
 
 import csv as csv_module  # not `import csv`: the submodule plugins.datasets.csv would shadow that name
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -32,17 +33,22 @@ def _check_image_size(name: str, options: dict[str, Any]) -> None:
         raise UserError(f"{name}: image_size={options['image_size']} must be at least 1, e.g. 64")
 
 
-def _images(folder: Path) -> Iterator[Path]:
-    """Image files under ``folder``, recursively, skipping hidden ones (macOS ``._x.png`` are not images)."""
-    for path in folder.rglob("*"):
-        hidden = any(part.startswith(".") for part in path.relative_to(folder).parts)
-        if not hidden and path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file():
-            yield path
+def _images(folder: Path) -> Iterator[str]:
+    """Image files under ``folder``, recursively, skipping hidden ones (macOS ``._x.png`` are not images).
+    Paths as str from os.walk: pathlib interns every part of every path it parses, and the interpreter's table
+    of interned strings keeps the size it grew to (7.5 MB after 32,000 files; bench/loader.py)."""
+    for directory, subfolders, names in os.walk(folder, followlinks=True):
+        subfolders[:] = [d for d in subfolders if not d.startswith(".")]
+        for name in names:
+            path = os.path.join(directory, name)
+            if not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS \
+                    and os.path.isfile(path):
+                yield path
 
 
-def image_files(folder: Path) -> list[Path]:
-    """Every image of a class folder, sorted: the fixed order the held-out split depends on."""
-    return sorted(_images(folder))
+def image_files(folder: Path) -> list[str]:
+    """Every image of a class folder, sorted by path components: the fixed order the held-out split depends on."""
+    return sorted(_images(folder), key=lambda path: path.split(os.sep))
 
 
 def class_folders(root: Path) -> list[str]:
@@ -72,8 +78,9 @@ def _imagefolder(options: dict[str, Any]) -> dict[str, Any]:
 
 
 def csv_rows(path: Path, image_column: str, caption_column: str,
-             label_column: str | None) -> list[tuple[Path, str, str | None]]:
-    """(image path, caption, label or None) per row; relative paths are read from the CSV's folder.
+             label_column: str | None) -> list[tuple[str, str, str | None]]:
+    """(image path, caption, label or None) per row; relative paths are read from the CSV's folder. Paths are
+    str, not Path (``_images`` says why).
 
     Raises a one-line UserError for a missing or empty file, missing columns (listing those that exist),
     empty cells and image files that do not exist, so that these are found at queue time.
@@ -93,16 +100,16 @@ def csv_rows(path: Path, image_column: str, caption_column: str,
         if missing:
             raise UserError(f"csv: {path} has no column(s) {', '.join(missing)}; its columns are "
                             f"{', '.join(header)}: rename them or pass image_column=, caption_column=, label_column=")
-        rows = []
+        rows, folder = [], str(path.parent.absolute())
         for line, row in enumerate(reader, start=2):
             empty = [c for c in wanted if not (row.get(c) or "").strip()]
             if empty:
                 raise UserError(f"csv: line {line} of {path} has no {empty[0]}: fill it in or drop the line")
             label = row[label_column].strip() if label_column else None
-            rows.append(((path.parent / row[image_column].strip()).absolute(), row[caption_column], label))
+            rows.append((os.path.join(folder, row[image_column].strip()), row[caption_column], label))
     if not rows:
         raise UserError(f"csv: {path} has a header but no rows: add one row per image-caption pair")
-    absent = [(i, p) for i, (p, _, _) in enumerate(rows) if not p.is_file()]
+    absent = [(i, p) for i, (p, _, _) in enumerate(rows) if not os.path.isfile(p)]
     if absent:
         line, first = absent[0][0] + 2, absent[0][1]
         raise UserError(f"csv: {len(absent)} image file(s) named in {path} do not exist, e.g. {first} (line {line}): "

@@ -40,7 +40,7 @@ def _reason(exc: BaseException) -> str:
     return (str(exc).splitlines() or [type(exc).__name__])[0]
 
 
-def verify_image(path: Path, where: str) -> None:
+def verify_image(path: str | Path, where: str) -> None:
     """Read the file's header and checksums (no full decode), or raise a UserError that names the file."""
     try:
         with Image.open(path) as img:
@@ -76,7 +76,7 @@ class ImageFiles:
     Paths and captions are packed (``PackedStrings``): a CSV of millions of rows held as Path objects costs
     hundreds of bytes a row, and every loader worker would copy them."""
 
-    def __init__(self, files: Sequence[Path], captions: Sequence[str], labels: Sequence[int] | None,
+    def __init__(self, files: Sequence[str | Path], captions: Sequence[str], labels: Sequence[int] | None,
                  image_size: int, where: str) -> None:
         self.files, self.captions = PackedStrings(str(f) for f in files), PackedStrings(captions)
         self.labels = None if labels is None else [int(y) for y in labels]

@@ -13,6 +13,7 @@ from orchestrator.errors import UserError
 from orchestrator.registry import Registry
 from orchestrator.spec import resolve_component
 from orchestrator.store import Store
+from plugins.datasets import image_files
 from plugins.datasets.imagefolder import TEMPLATES, ImageFolder, load_image
 from tests.conftest import orch
 
@@ -82,6 +83,16 @@ def one_line_error(exc: pytest.ExceptionInfo[UserError], *parts: str) -> None:
     assert "\n" not in message, message
     for part in parts:
         assert part in message, message
+
+
+def test_files_keep_the_order_of_their_path_components(tmp_path: Path) -> None:
+    # the held-out split depends on this order; as strings "x-y.png" < "x/1.png", as components "x" < "x-y.png"
+    names = ["x/1.png", "x-y.png", "x/sub/0.png", "x.png", "a b.png", "X.png", ".hidden/2.png", "x/._3.png"]
+    for name in names:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (4, 4)).save(tmp_path / name)
+    expected = sorted(tmp_path / n for n in names if not any(part.startswith(".") for part in Path(n).parts))
+    assert image_files(tmp_path) == [str(p) for p in expected]
 
 
 def test_queue_time_resolve_accepts_a_tree(tmp_path: Path) -> None:
