@@ -277,7 +277,7 @@ def index_times(folder: Path, shards: int, per_shard: int) -> tuple[str, dict[st
 
 
 MEMORY_CHILD = """
-import gc, json, os, sys, tracemalloc
+import gc, json, os, sys, time, tracemalloc
 from pathlib import Path
 import torch
 import plugins.datasets.imagefolder, plugins.datasets.webdataset
@@ -304,7 +304,13 @@ def build():
     kind = {"webdataset": WebDataset, "csv": CSVPairs, "imagefolder": ImageFolder}[sys.argv[1]]
     return kind(sys.argv[2], image_size=224)
 
-build(), build()  # the shards' index cached and lazy imports done: the build below is a rank's usual one
+start = time.perf_counter()
+build()  # the first build: it indexes the shards, or checks every image
+first = time.perf_counter() - start
+build()  # lazy imports done: the builds below are a rank's usual one
+start = time.perf_counter()
+build()
+seconds = time.perf_counter() - start
 gc.collect()
 gc_without = copied_in_a_fork(gc.collect)
 tracemalloc.start()
@@ -319,7 +325,8 @@ def read_every_sample():
     for i in range(len(data.train)):
         data.train[i]
 
-print(json.dumps({"samples": len(data.train) + len(data.test), "train": len(data.train), "held": held,
+print(json.dumps({"samples": len(data.train) + len(data.test), "train": len(data.train), "first_seconds": first,
+                  "seconds": seconds, "held": held,
                   "read": copied_in_a_fork(read_every_sample), "gc": copied_in_a_fork(gc.collect),
                   "gc_without": gc_without}))
 """
@@ -327,11 +334,12 @@ print(json.dumps({"samples": len(data.train) + len(data.test), "train": len(data
 
 def index_memory(folder: Path, pattern: str, samples: int) -> list[dict[str, Any]]:
     """What a dataset's index costs a rank and its loader workers, for the webdataset shards of ``index_times``
-    (``pattern``), and for as many image files listed in a CSV and as an ImageFolder tree: the bytes held
-    (tracemalloc, a build from the cache), the bytes a forked worker copies from its rank by reading every
-    training sample once (``Private_Dirty``; image decoding replaced by a constant so that only the index is
-    read), and what one full garbage collection in a worker copies, with the dataset and without it. Each
-    format in a fresh interpreter."""
+    (``pattern``), and for as many image files listed in a CSV and as an ImageFolder tree: the time of the
+    first build (on an empty cache of its own) and of a later one, the bytes a build holds
+    (tracemalloc), the bytes a forked worker copies from its rank by reading every training sample once
+    (``Private_Dirty``; image decoding replaced by a constant so that only the index is read), and what one
+    full garbage collection in a worker copies, with the dataset and without it. Each format in a fresh
+    interpreter."""
     import json
     import subprocess
 
@@ -351,7 +359,7 @@ def index_memory(folder: Path, pattern: str, samples: int) -> list[dict[str, Any
     for fmt, source in (("webdataset", pattern), ("csv", str(folder / "pairs.csv")),
                         ("imagefolder", str(folder / "images"))):
         out = subprocess.run([sys.executable, "-c", MEMORY_CHILD, fmt, source], cwd=_BENCH.parent, text=True,
-                             capture_output=True)
+                             capture_output=True, env={**os.environ, "ORCH_CACHE_DIR": str(folder / f"cache-{fmt}")})
         if out.returncode:
             raise SystemExit(f"index memory ({fmt}) failed: {out.stderr}")
         results.append({"format": fmt, **json.loads(out.stdout.splitlines()[-1])})
@@ -402,10 +410,13 @@ def main() -> None:
                          for what, seconds in index.items()]) + "\n", flush=True)
             if Path("/proc/self/smaps_rollup").exists():
                 memory = index_memory(Path(tmp) / "index", pattern, samples)
-                print(table(["index memory", "samples", "held B/sample", "a worker copies reading every sample, "
-                             "B/sample", "gc.collect() in a worker copies, MiB", "without the dataset, MiB"],
-                            [[m["format"], m["samples"], m["held"] / m["samples"], m["read"] / m["train"],
-                              m["gc"] / 2**20, m["gc_without"] / 2**20] for m in memory]) + "\n", flush=True)
+                print(table(["index", "samples", "first build us/sample", "build us/sample", "held B/sample",
+                             "a worker copies reading every sample, B/sample",
+                             "gc.collect() in a worker copies, MiB", "without the dataset, MiB"],
+                            [[m["format"], m["samples"], m["first_seconds"] / m["samples"] * 1e6,
+                              m["seconds"] / m["samples"] * 1e6, m["held"] / m["samples"],
+                              m["read"] / m["train"], m["gc"] / 2**20, m["gc_without"] / 2**20] for m in memory])
+                      + "\n", flush=True)
         for size in args.sizes:
             width, height = (int(x) for x in size.lower().split("x"))
             *data, mean_bytes = write_data(Path(tmp) / size, width, height, args.images, args.shard_size)

@@ -1,6 +1,6 @@
 """Small helpers for dataset plugins: a labelled split, captions from prompts, a fixed held-out split, the
-``worker_init_fn`` of a DataLoader inside a training process, a folder to cache what is slow to recompute, and
-a compact sequence of strings for the captions and paths of millions of samples.
+``worker_init_fn`` of a DataLoader inside a training process, a folder to cache what is slow to recompute (and
+how to write into it), and a compact sequence of strings for the captions and paths of millions of samples.
 
 Captions follow CLIP's prompt templates (Radford et al. 2021, "Learning Transferable Visual Models From
 Natural Language Supervision"): a class name inserted into a format string such as
@@ -12,8 +12,10 @@ from __future__ import annotations
 import operator
 import os
 import signal
-from collections.abc import Iterable, Iterator, Sequence
+import tempfile
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -94,6 +96,23 @@ def cache_dir(name: str) -> Path:
     if not root:
         root = str(Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "orch")
     return Path(root).expanduser() / name
+
+
+def write_atomically(path: Path, write: Callable[[BinaryIO], object]) -> None:
+    """Write ``path`` (a file in ``cache_dir``) by calling ``write`` on a binary file: whole or not at all. Ranks
+    writing at once may race: the last rename wins, and each is complete. A folder that cannot be written means
+    no cache: nothing is written and nothing raised."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, temporary = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    except OSError:
+        return
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(temporary, path)
+    except OSError:  # a full disk, say: leave no partial file behind
+        Path(temporary).unlink(missing_ok=True)
 
 
 class PackedStrings(Sequence[str]):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from orchestrator.errors import UserError
 from plugins.datasets import csv_rows
-from plugins.datasets.imagefolder import ImageFiles, verify_image
+from plugins.datasets.imagefolder import ImageFiles, verify_images
 
 TEMPLATES = ("a photo of a {}.",)  # CLIP's default prompt
 
@@ -32,9 +32,8 @@ class CSVPairs:
         rows = csv_rows(path, image_column, caption_column, label_column)
         if len(rows) < 2:
             raise UserError(f"csv: {path} has 1 row; it needs at least 2, one to train on and one to hold out")
-        for line, (image, _, _) in enumerate(rows, start=2):
-            verify_image(image, f"csv (line {line} of {path})")
         files = [image for image, _, _ in rows]
+        verify_images(files, lambda i: f"csv (line {i + 2} of {path})")
         captions = [text for _, text, _ in rows]
         labels = None
         if label_column:

@@ -3,21 +3,25 @@
 Labels are the sorted class folder names; captions put the class name into prompt templates as CLIP did
 (Radford et al. 2021), so the same names and templates also drive zero-shot evaluation (``--eval zs``).
 Images are decoded when indexed, not held in memory, so a large folder costs only its file list; every
-file is checked once when the dataset is built so that a corrupt image fails the run at the start, with
-its name, instead of hours into training.
+file is checked when the dataset is first built so that a corrupt image fails the run at the start, with
+its name, instead of hours into training (later builds check only the files that changed: ``verify_images``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import hashlib
+import os
+import zipfile
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import BinaryIO, Literal
 
+import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 from torchvision.transforms.v2 import functional as TF
 
-from orchestrator.data import PackedStrings, caption, held_out
+from orchestrator.data import PackedStrings, cache_dir, caption, held_out, write_atomically
 from orchestrator.errors import UserError
 from plugins.datasets import class_folders, image_files
 
@@ -47,6 +51,38 @@ def verify_image(path: str | Path, where: str) -> None:
             img.verify()
     except _DECODE_ERRORS as exc:
         raise UserError(f"{where}: cannot read image {path} ({_reason(exc)}): replace or delete the file") from None
+
+
+VERIFIED_FORMAT = 1  # bump when what a record of verified files holds changes
+
+
+def verify_images(files: Sequence[str], where: Callable[[int], str]) -> None:
+    """``verify_image`` for every file (``where(i)`` names file i's place in an error), once: a record of the
+    files found fine, with their sizes and modification times, is kept in ``cache_dir("images")`` under the
+    list of files, so the builds that follow (every rank, every attempt) check only the files that changed.
+    Checking costs about 50 us a file (Pillow parses the headers in Python: CC3M's 3.3 M files take minutes
+    on every rank); reading the sizes and times back costs a stat."""
+    sizes, mtimes = np.empty(len(files), dtype=np.int64), np.empty(len(files), dtype=np.int64)
+    for i, path in enumerate(files):
+        try:
+            stat = os.stat(path)
+        except OSError as exc:
+            raise UserError(f"{where(i)}: cannot read image {path} ({exc.strerror}): replace or delete the "
+                            f"file") from None
+        sizes[i], mtimes[i] = stat.st_size, stat.st_mtime_ns
+    data, bounds = PackedStrings(files).buffers()
+    digest = hashlib.sha256(f"{VERIFIED_FORMAT}\0".encode() + bounds.tobytes() + data).hexdigest()[:32]
+    record = cache_dir("images") / f"{digest}.npz"
+    try:
+        with np.load(record, allow_pickle=False) as seen:
+            unchanged = (seen["sizes"] == sizes) & (seen["mtimes"] == mtimes)
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):  # no record yet, or unreadable
+        unchanged = np.zeros(len(files), dtype=bool)
+    if unchanged.all():
+        return
+    for i in np.flatnonzero(~unchanged):
+        verify_image(files[i], where(i))
+    write_atomically(record, lambda f: np.savez(f, sizes=sizes, mtimes=mtimes))
 
 
 def load_image(path: str | Path | BinaryIO, size: int, where: str, name: str | None = None) -> torch.Tensor:
@@ -114,8 +150,7 @@ class ImageFolder:
             found = image_files(root / folder)
             files += found
             labels += [label] * len(found)
-        for path in files:
-            verify_image(path, "imagefolder")
+        verify_images(files, lambda i: "imagefolder")
         captions = [caption(y, i, self.class_names, self.templates) for i, y in enumerate(labels)]
         train, test = held_out(labels, test_fraction)
         if not test:

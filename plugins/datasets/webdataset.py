@@ -22,17 +22,15 @@ import io
 import json
 import os
 import tarfile
-import tempfile
 import zipfile
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
 
 import numpy as np
 from webdataset.tariterators import base_plus_ext
 
-from orchestrator.data import PackedStrings, cache_dir
+from orchestrator.data import PackedStrings, cache_dir, write_atomically
 from orchestrator.errors import UserError
 from plugins.datasets import expand_shards
 from plugins.datasets.csv import TEMPLATES
@@ -92,24 +90,8 @@ def index_shard(shard: Path, caption_ext: str, label_ext: str | None) -> ShardIn
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):  # not cached yet, or unreadable
         pass
     index = read_index(shard, caption_ext, label_ext)
-    _write_atomically(cached, lambda f: np.savez(f, key=np.array(key), **index.arrays()))
+    write_atomically(cached, lambda f: np.savez(f, key=np.array(key), **index.arrays()))
     return index
-
-
-def _write_atomically(path: Path, write: Callable[[BinaryIO], object]) -> None:
-    """Write ``path`` whole or not at all (ranks indexing at once may race: the last rename wins, and each is
-    complete); a cache folder that cannot be written just means no cache."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, temporary = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    except OSError:
-        return
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(temporary, path)
-    except OSError:  # a full disk, say: leave no partial file behind
-        Path(temporary).unlink(missing_ok=True)
 
 
 def read_index(shard: Path, caption_ext: str, label_ext: str | None) -> ShardIndex:

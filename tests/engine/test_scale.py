@@ -378,7 +378,7 @@ def test_clip_throughput_bench_runs_tiny(tmp_path: Path) -> None:
 def test_loader_bench_feeds_both_pipelines_the_same_images(tmp_path: Path) -> None:
     """bench/loader.py, small: orch's training loader (``make_loader``, with loader workers too) and open_clip's data
     path deliver every training image of the same shards and CSV, in batches of the same shape; the start-up builds
-    (each checks it indexed every sample) run."""
+    (each checks it indexed every sample) and the index memory measurements run."""
     import subprocess
 
     out = tmp_path / "loader.json"
@@ -390,6 +390,9 @@ def test_loader_bench_feeds_both_pipelines_the_same_images(tmp_path: Path) -> No
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = json.loads(out.read_text())
     assert len(report["index_seconds"]) == 4 and all(s > 0 for s in report["index_seconds"].values())
+    memory = report["index_memory"]
+    assert [(m["format"], m["samples"]) for m in memory] == [(f, 30) for f in ("webdataset", "csv", "imagefolder")]
+    assert all(m["held"] > 0 and m["gc"] > 0 for m in memory)
     results = report["results"]
     assert [(r["format"], r["size"], r["workers"]) for r in results] == [
         (f, "40x300", w) for f in ("webdataset", "csv") for w in (0, 2)]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -130,6 +131,31 @@ def test_corrupt_image_is_named_at_build_time(tmp_path: Path) -> None:
     with pytest.raises(UserError) as exc:
         CSVPairs(path)
     one_line_error(exc, f"csv (line 5 of {path}): cannot read image {bad}", "replace or delete the file")
+
+
+def test_images_are_checked_once_then_only_when_they_change(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ORCH_CACHE_DIR", str(tmp_path / "cache"))
+    path = make_csv(tmp_path / "data")
+    CSVPairs(path)  # every image checked, and the record of the good ones kept
+    assert len(list((tmp_path / "cache" / "images").glob("*.npz"))) == 1
+    image = tmp_path / "data" / "images" / "1.png"
+    before = image.stat()
+    image.write_bytes(b"not a png, and as long as the PNG it replaced".ljust(before.st_size, b"."))
+    os.utime(image, ns=(before.st_atime_ns, before.st_mtime_ns))  # same size and time: taken as checked
+    CSVPairs(path)
+    os.utime(image, ns=(before.st_atime_ns, before.st_mtime_ns + 1))  # touched: checked again
+    with pytest.raises(UserError) as exc:
+        CSVPairs(path)
+    assert str(exc.value).startswith(f"csv (line 3 of {path}): cannot read image {image} (")
+
+    monkeypatch.setenv("ORCH_CACHE_DIR", str(path / "cache"))  # under a file: no record can be kept,
+    Image.new("RGB", (4, 4)).save(image)  # so every build checks every image
+    CSVPairs(path)
+    fixed = image.stat()
+    image.write_bytes(b"broken".ljust(fixed.st_size, b"."))
+    os.utime(image, ns=(fixed.st_atime_ns, fixed.st_mtime_ns))
+    with pytest.raises(UserError, match="cannot read image"):
+        CSVPairs(path)
 
 
 def test_a_single_row_cannot_be_split(tmp_path: Path) -> None:
