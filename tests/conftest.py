@@ -32,8 +32,8 @@ def empty_mlflow_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(autouse=True, scope="session")
 def plugin_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Plugins' caches (the webdataset plugin's shard indexes) go to a folder of this session, not ~/.cache;
-    the subprocesses the tests start inherit it."""
+    """Plugins' caches (the webdataset plugin's shard indexes, the record of checked images) go to a folder of
+    this session, not ~/.cache; the subprocesses the tests start inherit it."""
     path = tmp_path_factory.mktemp("orch-cache")
     os.environ["ORCH_CACHE_DIR"] = str(path)
     return path
