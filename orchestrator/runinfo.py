@@ -43,3 +43,13 @@ class RunInfo:
     def result_path(self) -> Path:
         """Rank 0's last word to the worker on how the attempt ended: finished, stopped at a step, or failed and why."""
         return self.run_dir / f"attempt-{self.attempt}.result.json"
+
+    def failure_path(self, rank: int) -> Path:
+        """Why rank ``rank`` (not 0) failed in a way retrying cannot fix. A failure on one rank alone (out of memory
+        on one GPU, a file missing on one node) shows the others only a closed connection, so rank 0 never says."""
+        return self.run_dir / f"attempt-{self.attempt}.rank-{rank}.failed.json"
+
+    def rank_failures(self) -> list[Path]:
+        """The ``failure_path`` files of this attempt, lowest rank first."""
+        found = self.run_dir.glob(f"attempt-{self.attempt}.rank-*.failed.json")
+        return sorted(found, key=lambda path: int(path.name.split(".")[1].removeprefix("rank-")))

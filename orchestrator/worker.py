@@ -203,6 +203,9 @@ class Worker:
     def _finish(self, code: int, held: bool, claim: Claim, run: dict[str, Any], info: RunInfo, log_path: Path) -> str:
         result = info.result_path  # written whole or not at all
         outcome = json.loads(result.read_text()) if result.exists() else {}
+        failures = info.rank_failures()
+        if "error" not in outcome and failures and not outcome.get("finished"):  # one rank failed alone
+            outcome = {**json.loads(failures[0].read_text()), "from_rank": True}
         try:
             if code == 0 or outcome.get("finished"):
                 status = self.store.end_attempt(claim, "finished")
@@ -217,6 +220,8 @@ class Worker:
                 error = outcome["error"]
                 status = self.store.end_attempt(claim, "failed", error)
                 self.echo(f"run {run['id']} failed: {error}")
+                if outcome.get("from_rank"):  # rank 0 did not end the run in the trackers
+                    self.registry.notify("run_ended", run=info, status="failed", error=error)
                 return status
             # Cancelled by the user: this worker's heartbeat was refused, or rank 0's next store write was
             # (it exits with EXIT_FENCED, usually before the next heartbeat comes).

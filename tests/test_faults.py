@@ -44,6 +44,18 @@ def test_gpu_out_of_memory_says_what_to_change(workdir: Path, faulty_site) -> No
     assert "out of GPU memory" in error and "--accum" in error and "--zero" in error
 
 
+def test_a_failure_on_one_rank_alone_fails_the_run_with_that_ranks_reason(workdir: Path, faulty_site) -> None:
+    """Out of memory on one GPU of several (or a file missing on one node): the run fails once, with the reason
+    the failing rank gave, rather than crashing without one and being retried into the same failure."""
+    result = orch("run", *SMALL, "--loss", "faulty:mode=oom,at_step=2,rank=1", "--gpus", "2", "--steps", "4",
+                  "--quiet", cwd=workdir, env=faulty_site)
+    assert result.returncode == 2, result.stdout + result.stderr
+    store = _store(workdir)
+    run = store.run(1)
+    assert run["status"] == "failed" and run["error"].startswith("rank 1: out of GPU memory"), run["error"]
+    assert [a["outcome"] for a in store.attempts(1)] == ["failed"]
+
+
 def test_a_crash_is_retried_and_resumes_from_the_checkpoint(workdir: Path, faulty_site) -> None:
     marker = workdir / "crashed-once"
     result = orch("run", *SMALL, "--loss", f"faulty:mode=crash-once,at_step=12,marker={marker}", "--steps", "16",

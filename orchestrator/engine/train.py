@@ -120,19 +120,29 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _fail(run: RunInfo, registry: Registry, rank: int, reason: str) -> int:
-    """A failure that retrying cannot fix: say why, and tell the worker not to retry."""
+    """A failure that retrying cannot fix: say why, and tell the worker not to retry. Another rank than 0 says it
+    in its own file: when it fails alone, the others see only a closed connection, and the worker needs its why."""
     if rank == 0:
         print(f"orch: run {run.id} failed: {reason}", file=sys.stderr)
-        _write_result(run, {"error": reason})
+        _write_whole(run.result_path, {"error": reason})
         registry.notify("run_ended", run=run, status="failed", error=reason)
+    else:
+        reason = f"rank {rank}: {reason}"
+        print(f"orch: run {run.id} failed: {reason}", file=sys.stderr)
+        _write_whole(run.failure_path(rank), {"error": reason})
     return EXIT_FAILED
 
 
 def _write_result(run: RunInfo, outcome: dict[str, Any]) -> None:
-    """Rank 0's last word to the worker, written whole or not at all: the worker may read it after a SIGKILL."""
-    tmp = run.result_path.with_suffix(".tmp")
+    """Rank 0's last word to the worker."""
+    _write_whole(run.result_path, outcome)
+
+
+def _write_whole(path: Path, outcome: dict[str, Any]) -> None:
+    """Written whole or not at all: the worker may read it after a SIGKILL."""
+    tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(outcome))
-    tmp.replace(run.result_path)
+    tmp.replace(path)
 
 
 def train(spec: dict[str, Any], registry: Registry, run: RunInfo, store: Store | None, claim: Claim,
