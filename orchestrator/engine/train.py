@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _fail(run: RunInfo, registry: Registry, rank: int, reason: str) -> int:
-    """A failure that retrying cannot fix: say why, and tell the worker not to retry. Another rank than 0 says it
+    """A failure that retrying cannot fix: say why, and tell the worker not to retry. A rank other than 0 says it
     in its own file: when it fails alone, the others see only a closed connection, and the worker needs its why."""
     if rank == 0:
         print(f"orch: run {run.id} failed: {reason}", file=sys.stderr)
