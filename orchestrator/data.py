@@ -13,6 +13,7 @@ import operator
 import os
 import signal
 import tempfile
+import zipfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import BinaryIO
@@ -115,6 +116,16 @@ def write_atomically(path: Path, write: Callable[[BinaryIO], object]) -> None:
         Path(temporary).unlink(missing_ok=True)
 
 
+def read_arrays(path: Path) -> dict[str, np.ndarray] | None:
+    """The arrays of an ``.npz`` file (written with ``write_atomically`` and ``np.savez``), or None when it is
+    absent or unreadable: a cache entry to compute again. Pickled objects are refused, not loaded."""
+    try:
+        with np.load(path, allow_pickle=False) as arrays:
+            return dict(arrays)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile):
+        return None
+
+
 class PackedStrings(Sequence[str]):
     """Strings packed into one UTF-8 buffer, with an array of where each ends: for the captions, keys and file
     paths of a dataset of millions of samples.
@@ -148,9 +159,9 @@ class PackedStrings(Sequence[str]):
     def concat(cls, parts: Iterable[PackedStrings]) -> PackedStrings:
         """One sequence of the strings of ``parts``, in order."""
         buffers = [part.buffers() for part in parts]
-        starts = np.cumsum([0] + [len(data) for data, _ in buffers])
+        starts = np.cumsum([0] + [len(data) for data, _ in buffers])[:-1]
         bounds = np.concatenate([np.zeros(1, dtype=np.int64)]
-                                + [b[1:] + start for (_, b), start in zip(buffers, starts, strict=False)])
+                                + [b[1:] + start for (_, b), start in zip(buffers, starts, strict=True)])
         return cls.from_buffers(b"".join(data for data, _ in buffers), bounds)
 
     def buffers(self) -> tuple[bytes, np.ndarray]:

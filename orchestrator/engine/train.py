@@ -133,13 +133,9 @@ def _fail(run: RunInfo, registry: Registry, rank: int, reason: str) -> int:
     return EXIT_FAILED
 
 
-def _write_result(run: RunInfo, outcome: dict[str, Any]) -> None:
-    """Rank 0's last word to the worker."""
-    _write_whole(run.result_path, outcome)
-
-
 def _write_whole(path: Path, outcome: dict[str, Any]) -> None:
-    """Written whole or not at all: the worker may read it after a SIGKILL."""
+    """A rank's last word to the worker (``result_path``, ``failure_path``), written whole or not at all: the
+    worker may read it after a SIGKILL."""
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(outcome))
     tmp.replace(path)
@@ -213,7 +209,7 @@ def train(spec: dict[str, Any], registry: Registry, run: RunInfo, store: Store |
         votes.drain()
         if reporter:
             reporter.close()
-            _write_result(run, {"stopped": step})
+            _write_whole(run.result_path, {"stopped": step})
         dist.destroy_process_group()  # every rank is past the last collective: the save's, or the evaluation's
         raise Stopped(f"checkpoint saved at step {step}")
 
@@ -324,7 +320,7 @@ def train(spec: dict[str, Any], registry: Registry, run: RunInfo, store: Store |
         registry.notify("run_ended", run=run, status="finished", error=None)
     dist.barrier()
     if rank == 0:  # every rank reached the barrier: all the run's work is saved, whatever happens at exit
-        _write_result(run, {"finished": True})
+        _write_whole(run.result_path, {"finished": True})
     dist.destroy_process_group()  # every rank is past the barrier: nothing is in flight (NCCL warns otherwise)
 
 

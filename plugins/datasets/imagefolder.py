@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import zipfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import BinaryIO, Literal
@@ -21,7 +20,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torchvision.transforms.v2 import functional as TF
 
-from orchestrator.data import PackedStrings, cache_dir, caption, held_out, write_atomically
+from orchestrator.data import PackedStrings, cache_dir, caption, held_out, read_arrays, write_atomically
 from orchestrator.errors import UserError
 from plugins.datasets import class_folders, image_files
 
@@ -73,11 +72,10 @@ def verify_images(files: Sequence[str], where: Callable[[int], str]) -> None:
     data, bounds = PackedStrings(files).buffers()
     digest = hashlib.sha256(f"{VERIFIED_FORMAT}\0".encode() + bounds.tobytes() + data).hexdigest()[:32]
     record = cache_dir("images") / f"{digest}.npz"
-    try:
-        with np.load(record, allow_pickle=False) as seen:
-            unchanged = (seen["sizes"] == sizes) & (seen["mtimes"] == mtimes)
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):  # no record yet, or unreadable
-        unchanged = np.zeros(len(files), dtype=bool)
+    seen = read_arrays(record) or {}  # none yet, or unreadable: every file is checked
+    unchanged = np.zeros(len(files), dtype=bool)
+    if seen.keys() >= {"sizes", "mtimes"} and seen["sizes"].shape == seen["mtimes"].shape == sizes.shape:
+        unchanged = (seen["sizes"] == sizes) & (seen["mtimes"] == mtimes)
     if unchanged.all():
         return
     for i in np.flatnonzero(~unchanged):

@@ -22,7 +22,6 @@ import io
 import json
 import os
 import tarfile
-import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +29,7 @@ from pathlib import Path
 import numpy as np
 from webdataset.tariterators import base_plus_ext
 
-from orchestrator.data import PackedStrings, cache_dir, write_atomically
+from orchestrator.data import PackedStrings, cache_dir, read_arrays, write_atomically
 from orchestrator.errors import UserError
 from plugins.datasets import expand_shards
 from plugins.datasets.csv import TEMPLATES
@@ -83,12 +82,12 @@ def index_shard(shard: Path, caption_ext: str, label_ext: str | None) -> ShardIn
     stat = shard.stat()
     key = json.dumps([INDEX_FORMAT, str(shard), stat.st_size, stat.st_mtime_ns, caption_ext, label_ext])
     cached = cache_dir("webdataset") / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.npz"
-    try:
-        with np.load(cached, allow_pickle=False) as entry:
-            if str(entry["key"]) == key:
-                return ShardIndex.from_arrays(entry)
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):  # not cached yet, or unreadable
-        pass
+    entry = read_arrays(cached)
+    if entry is not None and "key" in entry and str(entry["key"]) == key:
+        try:
+            return ShardIndex.from_arrays(entry)
+        except (KeyError, ValueError):  # damaged: index the shard again
+            pass
     index = read_index(shard, caption_ext, label_ext)
     write_atomically(cached, lambda f: np.savez(f, key=np.array(key), **index.arrays()))
     return index
