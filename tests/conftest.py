@@ -18,6 +18,12 @@ import pytest
 PG_ADMIN = os.environ.get("ORCH_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
 ROOT = Path(__file__).resolve().parents[1]
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Under pytest-xdist (pyproject's addopts) each worker runs its own training processes: one OpenMP thread each,
+    # set before anything imports torch and inherited by every process a test starts. Two runs with a thread per
+    # core each went 3-4x slower than one after the other (the threads spin at each op's barrier).
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 
 @pytest.fixture(scope="session")
 def empty_mlflow_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -152,7 +158,9 @@ def training_processes(run_dir: Path) -> list[psutil.Process]:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Tests marked ``gpu`` need a CUDA GPU: skipped, with the reason, on machines without one."""
+    """Tests marked ``slow`` run first, so that pytest-xdist's workers do not end on a tail of long runs; tests
+    marked ``gpu`` need a CUDA GPU: skipped, with the reason, on machines without one."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # stable: file order within each group
     gpu = [item for item in items if item.get_closest_marker("gpu")]
     if not gpu:
         return
