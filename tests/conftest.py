@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # Under pytest-xdist (pyproject's addopts) each worker runs its own training processes: one OpenMP thread each,
     # set before anything imports torch and inherited by every process a test starts. Two runs with a thread per
-    # core each went 3-4x slower than one after the other (the threads spin at each op's barrier).
+    # core each ran more than 3x slower than one after the other (their threads contend at every op).
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
