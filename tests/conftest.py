@@ -158,9 +158,7 @@ def training_processes(run_dir: Path) -> list[psutil.Process]:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Tests marked ``slow`` run first, so that pytest-xdist's workers do not end on a tail of long runs; tests
-    marked ``gpu`` need a CUDA GPU: skipped, with the reason, on machines without one."""
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # stable: file order within each group
+    """Tests marked ``gpu`` need a CUDA GPU: skipped, with the reason, on machines without one."""
     gpu = [item for item in items if item.get_closest_marker("gpu")]
     if not gpu:
         return
