@@ -158,10 +158,7 @@ def training_processes(run_dir: Path) -> list[psutil.Process]:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Slow tests first, so that xdist's work stealing (pyproject's addopts) ends the run on short ones rather than
-    on one long run with the other process idle. Tests marked ``gpu`` need a CUDA GPU: skipped, with the reason, on
-    machines without one."""
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+    """Tests marked ``gpu`` need a CUDA GPU: skipped, with the reason, on machines without one."""
     gpu = [item for item in items if item.get_closest_marker("gpu")]
     if not gpu:
         return
