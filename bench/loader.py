@@ -227,23 +227,18 @@ def kernel_times(width: int, height: int, repeats: int = 20) -> list[float]:
 
 INDEX_CHILD = """
 import sys, time
+from plugins.datasets.csv import CSVPairs
 from plugins.datasets.webdataset import WebDataset
 print("ready", flush=True)
 sys.stdin.readline()
 start = time.perf_counter()
-data = WebDataset(sys.argv[1], image_size=224)
+data = {"webdataset": WebDataset, "csv": CSVPairs}[sys.argv[1]](sys.argv[2], image_size=224)
 print(time.perf_counter() - start, len(data.train) + len(data.test), flush=True)
 """
 
 
-def index_times(folder: Path, shards: int, per_shard: int) -> tuple[str, dict[str, float]]:
-    """Seconds to build the webdataset plugin over ``shards`` shards of ``per_shard`` samples (what every rank does
-    at the start of every attempt), each build in a fresh interpreter (the import not counted): one process with an
-    empty cache (every shard read: what every rank paid on every attempt before the cache) and with a full one; two
-    ranks started together on an empty cache, as if both were rank 0 (each reads every shard) and as ranks 0 and 1
-    of 2 (each starts at its own half and takes what the other has cached)."""
-    import subprocess
-
+def write_shards(folder: Path, shards: int, per_shard: int) -> str:
+    """``shards`` WebDataset shards of ``per_shard`` 64 x 64 photos with captions in ``folder``; their pattern."""
     import webdataset as wds
 
     folder.mkdir(parents=True)
@@ -253,10 +248,36 @@ def index_times(folder: Path, shards: int, per_shard: int) -> tuple[str, dict[st
             for i in range(s * per_shard, (s + 1) * per_shard):
                 sink.write({"__key__": f"{i:09d}", "jpg": image, "txt": f"a photo of item {i} on a table.",
                             "json": b"{}"})
-    pattern = f"{folder}/{{00000..{shards - 1:05d}}}.tar"
+    return f"{folder}/{{00000..{shards - 1:05d}}}.tar"
+
+
+def write_image_files(folder: Path, samples: int) -> Path:
+    """``samples`` small JPEG files under ``folder/images`` and ``folder/pairs.csv`` listing them with captions."""
+    from PIL import Image
+
+    image = io.BytesIO()
+    Image.new("RGB", (8, 8), (90, 120, 150)).save(image, "JPEG")
+    rows = []
+    for i in range(samples):  # img2dataset's layout: a folder per 10,000 images
+        path = folder / "images" / f"{i // 10_000:05d}" / f"{i:09d}.jpg"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(image.getvalue())
+        rows.append([str(path.relative_to(folder)), f"a photo of item {i} on a table."])
+    with open(folder / "pairs.csv", "w", newline="") as f:
+        csv.writer(f).writerows([["image", "caption"], *rows])
+    return folder / "pairs.csv"
+
+
+def start_up_times(fmt: str, source: str, samples: int, caches: Path) -> dict[str, float]:
+    """Seconds to build the ``fmt`` dataset plugin over ``source`` (what every rank does at the start of every
+    attempt; webdataset indexes every shard, csv checks every image), each build in a fresh interpreter (the
+    import not counted): one process with an empty cache (what every rank paid on every attempt before the cache)
+    and with a full one; two ranks started together on an empty cache, as if both were rank 0 (each does all the
+    work) and as ranks 0 and 1 of 2 (each starts at its own half and takes what the other has cached)."""
+    import subprocess
 
     def build(cache: Path, ranks: list[tuple[int, int]]) -> float:
-        children = [subprocess.Popen([sys.executable, "-c", INDEX_CHILD, pattern], text=True, cwd=_BENCH.parent,
+        children = [subprocess.Popen([sys.executable, "-c", INDEX_CHILD, fmt, source], text=True, cwd=_BENCH.parent,
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      env={**os.environ, "ORCH_CACHE_DIR": str(cache), "RANK": str(rank),
                                           "WORLD_SIZE": str(world)}) for rank, world in ranks]
@@ -266,14 +287,14 @@ def index_times(folder: Path, shards: int, per_shard: int) -> tuple[str, dict[st
             child.stdin.write("go\n")
             child.stdin.flush()
         outputs = [child.communicate()[0].split() for child in children]
-        if any(child.returncode for child in children) or any(int(n) != shards * per_shard for _, n in outputs):
-            raise SystemExit(f"indexing failed: {outputs}")
+        if any(child.returncode for child in children) or any(int(n) != samples for _, n in outputs):
+            raise SystemExit(f"{fmt} start-up failed: {outputs}")
         return max(float(seconds) for seconds, _ in outputs)
 
-    return pattern, {"one process, empty cache": build(folder / "cache-1", [(0, 1)]),
-                     "one process, cached": build(folder / "cache-1", [(0, 1)]),
-                     "2 ranks, empty cache, both from shard 0": build(folder / "cache-2", [(0, 1), (0, 1)]),
-                     "2 ranks, empty cache, rank 1 from the middle": build(folder / "cache-3", [(0, 2), (1, 2)])}
+    return {"one process, empty cache": build(caches / "1", [(0, 1)]),
+            "one process, cached": build(caches / "1", [(0, 1)]),
+            "2 ranks, empty cache, both from the start": build(caches / "2", [(0, 1), (0, 1)]),
+            "2 ranks, empty cache, rank 1 from the middle": build(caches / "3", [(0, 2), (1, 2)])}
 
 
 MEMORY_CHILD = """
@@ -332,9 +353,9 @@ print(json.dumps({"samples": len(data.train) + len(data.test), "train": len(data
 """
 
 
-def index_memory(folder: Path, pattern: str, samples: int) -> list[dict[str, Any]]:
-    """What a dataset's index costs a rank and its loader workers, for the webdataset shards of ``index_times``
-    (``pattern``), and for as many image files listed in a CSV and as an ImageFolder tree: the time of the
+def index_memory(folder: Path, pattern: str, pairs: Path) -> list[dict[str, Any]]:
+    """What a dataset's index costs a rank and its loader workers, for the webdataset shards ``pattern``, and for
+    the image files of ``pairs`` (``write_image_files``) as a CSV and as an ImageFolder tree: the time of the
     first build (on an empty cache of its own) and of a later one, the bytes a build holds
     (tracemalloc), the bytes a forked worker copies from its rank by reading every training sample once
     (``Private_Dirty``; image decoding replaced by a constant so that only the index is read), and what one
@@ -343,21 +364,8 @@ def index_memory(folder: Path, pattern: str, samples: int) -> list[dict[str, Any
     import json
     import subprocess
 
-    from PIL import Image
-
-    image = io.BytesIO()
-    Image.new("RGB", (8, 8), (90, 120, 150)).save(image, "JPEG")
-    rows = []
-    for i in range(samples):  # img2dataset's layout: a folder per 10,000 images
-        path = folder / "images" / f"{i // 10_000:05d}" / f"{i:09d}.jpg"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(image.getvalue())
-        rows.append([str(path.relative_to(folder)), f"a photo of item {i} on a table."])
-    with open(folder / "pairs.csv", "w", newline="") as f:
-        csv.writer(f).writerows([["image", "caption"], *rows])
     results = []
-    for fmt, source in (("webdataset", pattern), ("csv", str(folder / "pairs.csv")),
-                        ("imagefolder", str(folder / "images"))):
+    for fmt, source in (("webdataset", pattern), ("csv", str(pairs)), ("imagefolder", str(pairs.parent / "images"))):
         out = subprocess.run([sys.executable, "-c", MEMORY_CHILD, fmt, source], cwd=_BENCH.parent, text=True,
                              capture_output=True, env={**os.environ, "ORCH_CACHE_DIR": str(folder / f"cache-{fmt}")})
         if out.returncode:
@@ -385,7 +393,8 @@ def main() -> None:
     parser.add_argument("--feed", type=float, default=2593.0,
                         help="a GPU step rate to feed, samples/s (default: ViT-B/16 compiled, one H100)")
     parser.add_argument("--index-shards", type=int, default=16,
-                        help="shards for the start-up measurement (indexing the shards; 0: skip it)")
+                        help="shards for the start-up measurements (webdataset indexing, and csv image checks of "
+                             "as many files; 0: skip them)")
     parser.add_argument("--index-per-shard", type=int, default=2000, help="samples per shard for the start-up")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
@@ -403,13 +412,16 @@ def main() -> None:
         os.environ["ORCH_CACHE_DIR"] = f"{tmp}/cache"  # the shards' indexes die with them, not in ~/.cache
         index, memory = {}, []
         if args.index_shards:
-            samples = args.index_shards * args.index_per_shard
-            pattern, index = index_times(Path(tmp) / "index", args.index_shards, args.index_per_shard)
-            print(table(["webdataset start-up", "shards", "samples", "seconds", "us per sample"],
-                        [[what, args.index_shards, samples, seconds, seconds / samples * 1e6]
-                         for what, seconds in index.items()]) + "\n", flush=True)
+            samples, folder = args.index_shards * args.index_per_shard, Path(tmp) / "index"
+            pattern = write_shards(folder / "shards", args.index_shards, args.index_per_shard)
+            pairs = write_image_files(folder / "files", samples)
+            for fmt, source in (("webdataset", pattern), ("csv", str(pairs))):
+                index[fmt] = start_up_times(fmt, source, samples, folder / f"start-up-{fmt}")
+                print(table([f"{fmt} start-up", "samples", "seconds", "us per sample"],
+                            [[what, samples, seconds, seconds / samples * 1e6]
+                             for what, seconds in index[fmt].items()]) + "\n", flush=True)
             if Path("/proc/self/smaps_rollup").exists():
-                memory = index_memory(Path(tmp) / "index", pattern, samples)
+                memory = index_memory(folder, pattern, pairs)
                 print(table(["index", "samples", "first build us/sample", "build us/sample", "held B/sample",
                              "a worker copies reading every sample, B/sample",
                              "gc.collect() in a worker copies, MiB", "without the dataset, MiB"],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ from orchestrator.errors import UserError
 from orchestrator.registry import Registry
 from orchestrator.spec import resolve_component
 from orchestrator.store import Store
-from plugins.datasets import image_files
+from plugins.datasets import image_files, imagefolder
 from plugins.datasets.imagefolder import TEMPLATES, ImageFolder, load_image
 from tests.conftest import orch
 
@@ -142,6 +143,38 @@ def test_corrupt_image_is_named_at_build_time(tmp_path: Path, content: bytes) ->
     with pytest.raises(UserError) as exc:
         ImageFolder(root)
     one_line_error(exc, "imagefolder: cannot read image", str(bad), "replace or delete")
+
+
+def test_ranks_split_the_first_check_and_skip_the_parts_others_recorded(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rank 1 of 2 starts at the second half of the list; rank 0 then checks only what rank 1 had not recorded;
+    a later build checks nothing. Checks are counted through ``verify_image``; rank 1 is stopped where it would
+    have reached rank 0's part (as if rank 0 were checking it at the same time)."""
+    monkeypatch.setenv("ORCH_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(imagefolder, "VERIFY_PART", 2)
+    files = [str(f) for f in image_files(make_tree(tmp_path / "tree", per_class=2))]  # 6 files: 3 parts
+    checked: list[int] = []
+
+    class ReachedRankZerosPart(Exception):
+        pass
+
+    def counting(path: str, where: str) -> None:
+        if os.environ["RANK"] == "1" and path == files[0]:
+            raise ReachedRankZerosPart
+        checked.append(files.index(path))
+
+    monkeypatch.setattr(imagefolder, "verify_image", counting)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    with pytest.raises(ReachedRankZerosPart):
+        imagefolder.verify_images(files, str)
+    assert checked == [2, 3, 4, 5]
+    monkeypatch.setenv("RANK", "0")
+    imagefolder.verify_images(files, str)
+    assert checked == [2, 3, 4, 5, 0, 1]
+    imagefolder.verify_images(files, str)
+    assert checked == [2, 3, 4, 5, 0, 1]
+    assert len(list((tmp_path / "cache" / "images").glob("*.npz"))) == 3
 
 
 def test_truncated_image_is_named_when_loaded(tmp_path: Path) -> None:
