@@ -147,34 +147,34 @@ def test_corrupt_image_is_named_at_build_time(tmp_path: Path, content: bytes) ->
 
 def test_ranks_split_the_first_check_and_skip_the_parts_others_recorded(tmp_path: Path,
                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
-    """Rank 1 of 2 starts at the second half of the list; rank 0 then checks only what rank 1 had not recorded;
-    a later build checks nothing. Checks are counted through ``verify_image``; rank 1 is stopped where it would
-    have reached rank 0's part (as if rank 0 were checking it at the same time)."""
+    """Rank 1 of 2 checks its half of the list, then rank 0's from its end back; rank 0 then checks only what rank
+    1 had not recorded; a later build checks nothing. Checks are counted through ``verify_image``; rank 1 is
+    stopped where it would have reached rank 0's first file (as if rank 0 were checking it at the same time)."""
     monkeypatch.setenv("ORCH_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.setattr(imagefolder, "VERIFY_PART", 2)
-    files = [str(f) for f in image_files(make_tree(tmp_path / "tree", per_class=2))]  # 6 files: 3 parts
+    monkeypatch.setattr(imagefolder, "VERIFY_PART", 3)
+    files = [str(f) for f in image_files(make_tree(tmp_path / "tree", per_class=4))]  # 12 files: 4 parts
     checked: list[int] = []
 
-    class ReachedRankZerosPart(Exception):
+    class ReachedRankZerosFirstFile(Exception):
         pass
 
     def counting(path: str, where: str) -> None:
         if os.environ["RANK"] == "1" and path == files[0]:
-            raise ReachedRankZerosPart
+            raise ReachedRankZerosFirstFile
         checked.append(files.index(path))
 
     monkeypatch.setattr(imagefolder, "verify_image", counting)
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")
-    with pytest.raises(ReachedRankZerosPart):
+    with pytest.raises(ReachedRankZerosFirstFile):
         imagefolder.verify_images(files, str)
-    assert checked == [2, 3, 4, 5]
+    assert checked == [6, 7, 8, 9, 10, 11, 3, 4, 5]
     monkeypatch.setenv("RANK", "0")
     imagefolder.verify_images(files, str)
-    assert checked == [2, 3, 4, 5, 0, 1]
+    assert checked[9:] == [0, 1, 2]
     imagefolder.verify_images(files, str)
-    assert checked == [2, 3, 4, 5, 0, 1]
-    assert len(list((tmp_path / "cache" / "images").glob("*.npz"))) == 3
+    assert len(checked) == 12
+    assert len(list((tmp_path / "cache" / "images").glob("*.npz"))) == 4
 
 
 def test_truncated_image_is_named_when_loaded(tmp_path: Path) -> None:
