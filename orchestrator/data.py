@@ -1,6 +1,7 @@
 """Small helpers for dataset plugins: a labelled split, captions from prompts, a fixed held-out split, the
-``worker_init_fn`` of a DataLoader inside a training process, a folder to cache what is slow to recompute (and
-how to write into it), and a compact sequence of strings for the captions and paths of millions of samples.
+``worker_init_fn`` of a DataLoader inside a training process, a folder to cache what is slow to recompute (how to
+write into it, and in what order ranks fill it together), and a compact sequence of strings for the captions and
+paths of millions of samples.
 
 Captions follow CLIP's prompt templates (Radford et al. 2021, "Learning Transferable Visual Models From
 Natural Language Supervision"): a class name inserted into a format string such as
@@ -16,12 +17,14 @@ import tempfile
 import zipfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, TypeVar
 
 import numpy as np
 import torch
 
 from orchestrator.launch import die_with_parent
+
+T = TypeVar("T")
 
 
 class LabelledSplit:
@@ -97,6 +100,17 @@ def cache_dir(name: str) -> Path:
     if not root:
         root = str(Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "orch")
     return Path(root).expanduser() / name
+
+
+def in_rank_order(items: Sequence[T]) -> list[T]:
+    """``items`` in the order this rank should work through them when the ranks that build a dataset at once share
+    the work through ``cache_dir`` (each item's result cached, and skipped by a rank that finds it there): its own
+    share first, rank r of w the items from r/w to (r+1)/w, then the others' backwards from the one before its
+    own. Forwards, a rank done with its share would follow the next rank through that rank's share, doing each
+    item at the same time; backwards it meets that rank halfway."""
+    rank, world = int(os.environ.get("RANK", "0")), max(int(os.environ.get("WORLD_SIZE", "1")), 1)
+    first, end = len(items) * rank // world, len(items) * (rank + 1) // world
+    return [*items[first:end], *reversed([*items[end:], *items[:first]])]
 
 
 def write_atomically(path: Path, write: Callable[[BinaryIO], object]) -> None:

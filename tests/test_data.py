@@ -9,6 +9,7 @@ import sys
 import time
 import tracemalloc
 from pathlib import Path
+from unittest import mock
 
 import psutil
 import pytest
@@ -16,7 +17,15 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from orchestrator.data import LabelledSplit, PackedStrings, caption, held_out, labelled_splits, loader_worker_init
+from orchestrator.data import (
+    LabelledSplit,
+    PackedStrings,
+    caption,
+    held_out,
+    in_rank_order,
+    labelled_splits,
+    loader_worker_init,
+)
 
 NAMES = ["cat", "dog", "eel"]
 TEMPLATES = ["a photo of a {}.", "a drawing of a {}."]
@@ -78,6 +87,29 @@ class _Slow(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> torch.Tensor:
         time.sleep(0.2)  # the worker is busy when the signal comes
         return torch.tensor(i)
+
+
+def test_ranks_take_their_share_first_then_walk_back_through_the_others(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    orders = []
+    for rank in range(3):
+        monkeypatch.setenv("RANK", str(rank))
+        orders.append(in_rank_order(range(8)))
+    assert orders == [[0, 1, 7, 6, 5, 4, 3, 2], [2, 3, 4, 1, 0, 7, 6, 5], [5, 6, 7, 4, 3, 2, 1, 0]]
+    monkeypatch.delenv("RANK")
+    monkeypatch.delenv("WORLD_SIZE")
+    assert in_rank_order("abc") == ["a", "b", "c"]  # outside a run: one rank, in order
+
+
+@given(st.integers(0, 50), st.integers(1, 9))
+def test_rank_shares_cover_every_item_once(n: int, world: int) -> None:
+    heads = []
+    for rank in range(world):
+        with mock.patch.dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world)):
+            order = in_rank_order(list(range(n)))
+        assert sorted(order) == list(range(n))
+        heads.append(order[:n * (rank + 1) // world - n * rank // world])
+    assert [i for head in heads for i in head] == list(range(n))
 
 
 def test_a_loader_worker_outlives_sigterm_to_every_process():

@@ -21,7 +21,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torchvision.transforms.v2 import functional as TF
 
-from orchestrator.data import PackedStrings, cache_dir, caption, held_out, read_arrays, write_atomically
+from orchestrator.data import PackedStrings, cache_dir, caption, held_out, in_rank_order, read_arrays, write_atomically
 from orchestrator.errors import UserError
 from plugins.datasets import class_folders, image_files
 
@@ -62,9 +62,8 @@ def verify_images(files: Sequence[str], where: Callable[[int], str]) -> None:
     in parts of ``VERIFY_PART`` files, and each part's files found fine are recorded, with their sizes and
     modification times, in ``cache_dir("images")`` under the list of files, so the builds that follow (every
     rank, every attempt) check only the files that changed. Checking costs about 50 us a file (Pillow parses
-    the headers in Python: CC3M's 3.3 M files take minutes), so ranks that check at once split the list: rank r
-    of w checks parts r/w to (r+1)/w, then the parts no rank has recorded yet, walking back from the part before
-    its own. Reading the sizes and times back costs a stat."""
+    the headers in Python: CC3M's 3.3 M files take minutes), so ranks that check at once split the parts
+    (``in_rank_order``). Reading the sizes and times back costs a stat."""
     sizes, mtimes = np.empty(len(files), dtype=np.int64), np.empty(len(files), dtype=np.int64)
     for i, path in enumerate(files):
         try:
@@ -75,11 +74,7 @@ def verify_images(files: Sequence[str], where: Callable[[int], str]) -> None:
         sizes[i], mtimes[i] = stat.st_size, stat.st_mtime_ns
     data, bounds = PackedStrings(files).buffers()
     digest = hashlib.sha256(f"{VERIFIED_FORMAT}\0".encode() + bounds.tobytes() + data).hexdigest()[:32]
-    parts = range(0, len(files), VERIFY_PART)
-    rank, world = int(os.environ.get("RANK", "0")), max(int(os.environ.get("WORLD_SIZE", "1")), 1)
-    first, end = len(parts) * rank // world, len(parts) * (rank + 1) // world
-    # its own share, then the others' backwards: it meets a rank still on its share halfway rather than racing it
-    for start in [*parts[first:end], *reversed([*parts[end:], *parts[:first]])]:
+    for start in in_rank_order(range(0, len(files), VERIFY_PART)):
         part = slice(start, start + VERIFY_PART)
         record = cache_dir("images") / f"{digest}-{start}.npz"
         seen = read_arrays(record) or {}  # none yet, or unreadable: every file of the part is checked

@@ -9,8 +9,8 @@ file system (not streamed over HTTP).
 
 Indexing reads every member header of every shard: minutes for CC3M, and every rank of every attempt builds
 the dataset. So each shard's index is kept in ``cache_dir("webdataset")`` (``~/.cache/orch/webdataset``),
-keyed by the shard's path, size and modification time, and ranks that index at the same time start at
-different shards (rank r of w at shard r/w of the list) and take the shards the others have cached already.
+keyed by the shard's path, size and modification time, and ranks that index at the same time split the
+shards (``in_rank_order``: rank r of w starts at shard r/w of the list) and take the ones others have cached.
 The index is held as arrays (about 36 bytes a sample over its key and caption), which forked loader workers
 share without copying.
 """
@@ -20,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import tarfile
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -29,7 +28,7 @@ from pathlib import Path
 import numpy as np
 from webdataset.tariterators import base_plus_ext
 
-from orchestrator.data import PackedStrings, cache_dir, read_arrays, write_atomically
+from orchestrator.data import PackedStrings, cache_dir, in_rank_order, read_arrays, write_atomically
 from orchestrator.errors import UserError
 from plugins.datasets import expand_shards
 from plugins.datasets.csv import TEMPLATES
@@ -164,9 +163,8 @@ class WebDataset:
     def __init__(self, shards: str, caption_ext: str = "txt", label_ext: str | None = None,
                  test_fraction: float = 0.01, image_size: int = 64) -> None:
         paths = expand_shards(shards)
-        rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-        start = len(paths) * rank // max(world, 1)  # ranks indexing at once split the work through the cache
-        by_path = {path: index_shard(path, caption_ext, label_ext) for path in paths[start:] + paths[:start]}
+        # ranks indexing at once split the work through the cache
+        by_path = {path: index_shard(path, caption_ext, label_ext) for path in in_rank_order(paths)}
         parts = [by_path[path] for path in paths]
         n = sum(len(part.keys) for part in parts)
         if n < 2:

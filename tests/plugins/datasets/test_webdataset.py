@@ -186,7 +186,7 @@ def test_ranks_start_indexing_at_different_shards_and_agree_on_the_order(tmp_pat
         with pytest.raises(UserError, match="has no txt member"):
             WebDataset(pattern, label_ext="cls")
         indexed_first.append(len(list((cache / "webdataset").glob("*.npz"))))
-    assert indexed_first == [0, 2, 1]  # rank 0 starts at shard 0; rank 1 at shard 1, then 2; rank 2 at shard 2
+    assert indexed_first == [0, 1, 2]  # rank r starts at shard r, then walks back to shard 0
 
 
 def test_a_cache_folder_that_cannot_be_written_means_no_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
