@@ -273,14 +273,18 @@ def start_up_times(fmt: str, source: str, samples: int, caches: Path) -> dict[st
     attempt; webdataset indexes every shard, csv checks every image), each build in a fresh interpreter (the
     import not counted): one process with an empty cache (what every rank paid on every attempt before the cache)
     and with a full one; two ranks started together on an empty cache, as if both were rank 0 (each does all the
-    work) and as ranks 0 and 1 of 2 (each starts at its own half and takes what the other has cached)."""
+    work) and as ranks 0 and 1 of 2 (each starts at its own half and takes what the other has cached); and four
+    ranks as two machines of two with a cache folder each (every machine does the whole list), the ranks told
+    which machine they are on (``LOCAL_WORLD_SIZE``, as torchrun and DeepSpeed's launcher tell them) or not."""
     import subprocess
 
-    def build(cache: Path, ranks: list[tuple[int, int]]) -> float:
+    def build(ranks: list[tuple[int, int, str, Path]]) -> float:
+        """``ranks``: (rank, world size, ranks per machine or "" when not told, cache folder) of each process."""
         children = [subprocess.Popen([sys.executable, "-c", INDEX_CHILD, fmt, source], text=True, cwd=_BENCH.parent,
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      env={**os.environ, "ORCH_CACHE_DIR": str(cache), "RANK": str(rank),
-                                          "WORLD_SIZE": str(world)}) for rank, world in ranks]
+                                          "WORLD_SIZE": str(world), "LOCAL_WORLD_SIZE": local})
+                    for rank, world, local, cache in ranks]
         for child in children:  # every child has imported: the ranks start together
             child.stdout.readline()
         for child in children:
@@ -291,10 +295,15 @@ def start_up_times(fmt: str, source: str, samples: int, caches: Path) -> dict[st
             raise SystemExit(f"{fmt} start-up failed: {outputs}")
         return max(float(seconds) for seconds, _ in outputs)
 
-    return {"one process, empty cache": build(caches / "1", [(0, 1)]),
-            "one process, cached": build(caches / "1", [(0, 1)]),
-            "2 ranks, empty cache, both from the start": build(caches / "2", [(0, 1), (0, 1)]),
-            "2 ranks, empty cache, rank 1 from the middle": build(caches / "3", [(0, 2), (1, 2)])}
+    def machines(told: str, name: str) -> list[tuple[int, int, str, Path]]:
+        return [(rank, 4, told, caches / f"{name}-{rank // 2}") for rank in range(4)]
+
+    return {"one process, empty cache": build([(0, 1, "", caches / "1")]),
+            "one process, cached": build([(0, 1, "", caches / "1")]),
+            "2 ranks, empty cache, both from the start": build([(0, 1, "", caches / "2"), (0, 1, "", caches / "2")]),
+            "2 ranks, empty cache, rank 1 from the middle": build([(0, 2, "", caches / "3"), (1, 2, "", caches / "3")]),
+            "2 machines of 2 ranks, a cache each, not told their machine": build(machines("", "4")),
+            "2 machines of 2 ranks, a cache each, told": build(machines("2", "5"))}
 
 
 MEMORY_CHILD = """

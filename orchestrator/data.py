@@ -104,13 +104,25 @@ def cache_dir(name: str) -> Path:
 
 def in_rank_order(items: Sequence[T]) -> list[T]:
     """``items`` in the order this rank should work through them when the ranks that build a dataset at once share
-    the work through ``cache_dir`` (each item's result cached, and skipped by a rank that finds it there): its own
-    share first, rank r of w the items from r/w to (r+1)/w, then the others' backwards from the one before its
-    own. Forwards, a rank done with its share would follow the next rank through that rank's share, doing each
-    item at the same time; backwards it meets that rank halfway."""
+    the work through ``cache_dir`` (each item's result cached, and skipped by a rank that finds it there).
+
+    The items are cut into one share per rank. A rank takes its own share first, then the others' shares, each
+    backwards, starting from the one before its own: forwards, a rank done with its share would follow the next
+    rank through that rank's share, doing each item at the same time; backwards it meets that rank halfway.
+    On one machine, rank r of w owns the share from r/w to (r+1)/w. On M machines of L ranks, the list is cut
+    into L blocks and each block into M shares: local rank l of machine m owns share m of block l, and takes the
+    rest of block l before the other blocks. So each machine's ranks split the whole list between them (what a
+    machine with a cache folder of its own must check), and with one folder shared by all, every rank still
+    checks only its own share and meets the ranks whose shares it walks halfway."""
     rank, world = int(os.environ.get("RANK", "0")), max(int(os.environ.get("WORLD_SIZE", "1")), 1)
-    first, end = len(items) * rank // world, len(items) * (rank + 1) // world
-    return [*items[first:end], *reversed([*items[end:], *items[:first]])]
+    # torchrun sets LOCAL_WORLD_SIZE, DeepSpeed's multi-node launcher LOCAL_SIZE
+    local = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or world)
+    machines = world // local if 0 < local < world and world % local == 0 else 1  # else as one machine
+    own = rank % local * machines + rank // local if machines > 1 else rank
+    shares = [items[len(items) * s // world:len(items) * (s + 1) // world] for s in range(world)]
+    others = sorted((s for s in range(world) if s != own),
+                    key=lambda s: (s // machines != own // machines, (own - s) % world))
+    return [*shares[own], *(item for s in others for item in reversed(shares[s]))]
 
 
 def write_atomically(path: Path, write: Callable[[BinaryIO], object]) -> None:

@@ -101,6 +101,57 @@ def test_ranks_take_their_share_first_then_walk_back_through_the_others(monkeypa
     assert in_rank_order("abc") == ["a", "b", "c"]  # outside a run: one rank, in order
 
 
+def test_across_machines_the_ranks_of_each_machine_split_the_list(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_SIZE", "2")  # DeepSpeed's multi-node launcher: 2 machines of 2 ranks
+    orders = []
+    for rank in range(4):
+        monkeypatch.setenv("RANK", str(rank))
+        orders.append(in_rank_order(range(8)))
+    # blocks [0-3] and [4-7]; machine 0's ranks own the first half of each, machine 1's the second
+    assert orders == [[0, 1, 3, 2, 7, 6, 5, 4], [4, 5, 7, 6, 3, 2, 1, 0],
+                      [2, 3, 1, 0, 7, 6, 5, 4], [6, 7, 5, 4, 3, 2, 1, 0]]
+
+
+def _computed(orders: list[list[int]], cache_of: list[int]) -> tuple[list[int], int]:
+    """Ranks working through their orders in lockstep, one item a tick each, skipping what their cache holds
+    (``cache_of[rank]``: which folder); what a tick computes is cached at its end, so two ranks on one item at
+    once both compute it. How many items each cache folder had computed, and the ticks it took."""
+    caches: dict[int, set[int]] = {c: set() for c in cache_of}
+    computed = dict.fromkeys(cache_of, 0)
+    todo, ticks = [list(order) for order in orders], 0
+    while True:
+        doing = []
+        for rank, order in enumerate(todo):
+            while order and order[0] in caches[cache_of[rank]]:
+                order.pop(0)
+            if order:
+                doing.append((cache_of[rank], order.pop(0)))
+        if not doing:
+            return [computed[c] for c in sorted(computed)], ticks
+        ticks += 1
+        for cache, item in doing:
+            computed[cache] += 1
+            caches[cache].add(item)
+
+
+@given(st.integers(1, 4), st.integers(1, 4), st.integers(0, 300))
+def test_ranks_share_the_work_whether_machines_share_a_cache_or_not(machines: int, local: int, n: int) -> None:
+    """With a folder for each machine, its ranks cover the whole list between them, nearly without overlap; with
+    one for all, the whole run computes each item nearly once. Each meeting of two ranks costs at most one item."""
+    world = machines * local
+    orders = []
+    for rank in range(world):
+        with mock.patch.dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(local)):
+            orders.append(in_rank_order(list(range(n))))
+    per_machine, ticks = _computed(orders, [rank // local for rank in range(world)])
+    assert all(n <= done <= n + local for done in per_machine)
+    assert ticks <= -(-n // local) + 1
+    (shared,), ticks = _computed(orders, [0] * world)
+    assert n <= shared <= n + world
+    assert ticks <= -(-n // world) + 1
+
+
 @given(st.integers(0, 50), st.integers(1, 9))
 def test_rank_shares_cover_every_item_once(n: int, world: int) -> None:
     heads = []

@@ -10,7 +10,7 @@ file system (not streamed over HTTP).
 Indexing reads every member header of every shard: minutes for CC3M, and every rank of every attempt builds
 the dataset. So each shard's index is kept in ``cache_dir("webdataset")`` (``~/.cache/orch/webdataset``),
 keyed by the shard's path, size and modification time, and ranks that index at the same time split the
-shards (``in_rank_order``: rank r of w starts at shard r/w of the list) and take the ones others have cached.
+shards (``in_rank_order``: each rank starts at a share of its own) and take the ones others have cached.
 The index is held as arrays (about 36 bytes a sample over its key and caption), which forked loader workers
 share without copying.
 """
