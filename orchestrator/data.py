@@ -113,11 +113,14 @@ def in_rank_order(items: Sequence[T]) -> list[T]:
     into L blocks and each block into M shares: local rank l of machine m owns share m of block l, and takes the
     rest of block l before the other blocks. So each machine's ranks split the whole list between them (what a
     machine with a cache folder of its own must check), and with one folder shared by all, every rank still
-    checks only its own share and meets the ranks whose shares it walks halfway."""
+    checks only its own share and meets the ranks whose shares it walks halfway. Machines of unequal size order
+    as one machine."""
     rank, world = int(os.environ.get("RANK", "0")), max(int(os.environ.get("WORLD_SIZE", "1")), 1)
-    # torchrun sets LOCAL_WORLD_SIZE, DeepSpeed's multi-node launcher LOCAL_SIZE
+    # ranks a machine and machines: torchrun sets LOCAL_WORLD_SIZE and GROUP_WORLD_SIZE, DeepSpeed's launcher
+    # LOCAL_SIZE and CROSS_SIZE; with unequal machines (a hostfile's slots differ) every rank orders as on one
     local = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or world)
-    machines = world // local if 0 < local < world and world % local == 0 else 1  # else as one machine
+    machines = int(os.environ.get("GROUP_WORLD_SIZE") or os.environ.get("CROSS_SIZE") or world // max(local, 1))
+    machines = machines if machines > 1 and machines * local == world else 1
     own = rank % local * machines + rank // local if machines > 1 else rank
     shares = [items[len(items) * s // world:len(items) * (s + 1) // world] for s in range(world)]
     others = sorted((s for s in range(world) if s != own),

@@ -113,6 +113,26 @@ def test_across_machines_the_ranks_of_each_machine_split_the_list(monkeypatch: p
                       [2, 3, 1, 0, 7, 6, 5, 4], [6, 7, 5, 4, 3, 2, 1, 0]]
 
 
+def test_machines_of_unequal_size_order_as_one_machine(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A hostfile with 4 slots on one machine and 2 on another: the 2-rank machine alone would pass for one of
+    3 machines of 2, and own a share that a rank of the first machine owns too."""
+    monkeypatch.setenv("WORLD_SIZE", "6")
+    monkeypatch.setenv("CROSS_SIZE", "2")  # DeepSpeed's launcher: the number of machines
+    orders = []
+    for rank in range(6):
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("LOCAL_SIZE", "4" if rank < 4 else "2")
+        orders.append(in_rank_order(range(12)))
+    monkeypatch.delenv("CROSS_SIZE")
+    monkeypatch.delenv("LOCAL_SIZE")
+    as_one = []
+    for rank in range(6):
+        monkeypatch.setenv("RANK", str(rank))
+        as_one.append(in_rank_order(range(12)))
+    assert orders == as_one
+    assert [order[:2] for order in orders] == [[0, 1], [2, 3], [4, 5], [6, 7], [8, 9], [10, 11]]
+
+
 def _computed(orders: list[list[int]], cache_of: list[int]) -> tuple[list[int], int]:
     """Ranks working through their orders in lockstep, one item a tick each, skipping what their cache holds
     (``cache_of[rank]``: which folder); what a tick computes is cached at its end, so two ranks on one item at
