@@ -390,7 +390,7 @@ def test_loader_bench_feeds_both_pipelines_the_same_images(tmp_path: Path) -> No
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = json.loads(out.read_text())
     assert list(report["index_seconds"]) == ["webdataset", "csv"]
-    assert all(len(times) == 4 and all(s > 0 for s in times.values()) for times in report["index_seconds"].values())
+    assert all(len(times) == 6 and all(s > 0 for s in times.values()) for times in report["index_seconds"].values())
     memory = report["index_memory"]
     assert [(m["format"], m["samples"]) for m in memory] == [(f, 30) for f in ("webdataset", "csv", "imagefolder")]
     assert all(m["held"] > 0 and m["gc"] > 0 for m in memory)
