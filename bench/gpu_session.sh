@@ -29,7 +29,7 @@ clip() {  # $1: ViT-B-16 or ViT-B-32; $2: rounds
 }
 gradcache() {
     python3 bench/gradcache.py --batch-size 65536 --chunks 512 --skip-off --steps 1 --warmup 1 \
-        --loss infonce:tile=4096 \
+        --loss infonce:tile=4096 --distinct-images 4096 \
         --encoder vit:image_size=224,patch_size=32,width=768,depth=12,heads=12,embed_dim=512,pool=cls,in_channels=3 \
         --text-encoder text-transformer:width=512,depth=12,heads=8,context_length=77,embed_dim=512,pool=eot \
         --json "$out/gradcache65536.json"

@@ -285,12 +285,25 @@ def test_the_gradcache_bench_compares_losses_and_chunks(tmp_path: Path) -> None:
     out = tmp_path / "gradcache.json"
     root = Path(__file__).resolve().parents[2]
     result = subprocess.run([sys.executable, "bench/gradcache.py", "--batch-size", "64", "--chunks", "16", "--steps",
-                             "1", "--threads", "1", "--loss", "infonce", "--loss", "infonce:tile=16", "--json",
-                             str(out)], cwd=root, capture_output=True, text=True, timeout=600)
+                             "1", "--threads", "1", "--loss", "infonce", "--loss", "infonce:tile=16",
+                             "--distinct-images", "24", "--json", str(out)],
+                            cwd=root, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     results = json.loads(out.read_text())["results"]
     assert [(r["loss"], r["chunk"]) for r in results] == [("infonce", 0), ("infonce", 16), ("infonce:tile=16", 0),
                                                          ("infonce:tile=16", 16)]
-    assert all(r["samples_per_s"] > 0 for r in results)
+    assert all(r["samples_per_s"] > 0 and 0 < r["batch_s"] < r["setup_s"] for r in results)
     assert [r["first_loss"] for r in results] == pytest.approx([results[0]["first_loss"]] * 4, abs=1e-5)
     assert re.search(r"\|\s*infonce:tile=16\s*\|\s*16\s*\|\s*ok\s*\|", result.stdout), result.stdout
+
+
+def test_the_bench_repeats_its_drawn_images_through_the_batch() -> None:
+    """bench/gradcache.py --distinct-images: the first images as drawn without it, then the same again in order."""
+    from bench.gradcache import synthetic_images
+
+    every = synthetic_images((64, 3, 4, 4), 0)
+    assert every.unique().numel() == every.numel()  # all drawn
+    repeated = synthetic_images((64, 3, 4, 4), 24)
+    assert torch.equal(repeated[:24], every[:24])
+    assert all(torch.equal(repeated[i], repeated[i % 24]) for i in range(64))
+    assert torch.equal(synthetic_images((64, 3, 4, 4), 100), every)  # more than the batch: all drawn
