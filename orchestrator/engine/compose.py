@@ -92,15 +92,18 @@ class RunModel(nn.Module):
         return out
 
 
-def to_device(value: Any, device: torch.device) -> Any:
+def to_device(value: Any, device: torch.device, pin: bool = False) -> Any:
     """A batch (any nesting of tensors in dicts, lists and tuples) on ``device``; from pinned host memory the
-    copies do not wait."""
+    copies do not wait. ``pin``: copy host tensors into pinned memory first (a chunk of a batch too large to pin
+    whole); a pinned tensor is not copied again."""
     if isinstance(value, torch.Tensor):
+        if pin and value.device.type == "cpu":
+            value = value.pin_memory()
         return value.to(device, non_blocking=True)
     if isinstance(value, (list, tuple)):
-        return type(value)(to_device(v, device) for v in value)
+        return type(value)(to_device(v, device, pin) for v in value)
     if isinstance(value, dict):
-        return {k: to_device(v, device) for k, v in value.items()}
+        return {k: to_device(v, device, pin) for k, v in value.items()}
     return value
 
 

@@ -43,14 +43,17 @@ def cached_step(model: RunModel, batch: dict[str, Any], chunk: int, encode: Enco
     forward in ``engine_cached_step``), ``score(features)`` the loss dict (default ``model.score``),
     ``backward(scalar, last)`` backpropagates one surrogate scalar (default ``scalar.backward()``): one per
     chunk, ``last`` on the final one. ``device``: where the chunks are encoded; a batch held elsewhere (in host
-    memory) moves there one chunk at a time, so only the features of the whole batch live on the device.
+    memory) moves there one chunk at a time, so only the features of the whole batch live on the device. To a
+    GPU each chunk is pinned first, as it is copied: pinning the whole batch would hold it twice in host memory,
+    in a block rounded up to a power of two (docs/scale.md).
     """
     if chunk < 1:
         raise ValueError(f"chunk must be at least 1, not {chunk}")
     encode = encode or model.encode
     score = score or model.score
     backward = backward or (lambda scalar, last: scalar.backward())
-    place = (lambda piece: piece) if device is None else (lambda piece: to_device(piece, device))  # noqa: E731
+    pin = device is not None and device.type == "cuda"
+    place = (lambda piece: piece) if device is None else (lambda piece: to_device(piece, device, pin))  # noqa: E731
     pieces = list(_split(batch, chunk))
     towers = list({id(m): m for m in (model.image_encoder, model.text_encoder) if m is not None}.values())
 
@@ -101,13 +104,14 @@ def engine_cached_step(engine: Any, batch: dict[str, Any], chunk: int) -> dict[s
     after every backward (it partitions gradients as they are produced), once per chunk, and sums the
     partitions, which is the same sum. ZeRO 3 is refused: its parameters are partitioned outside forwards.
     The engine's boundary is left at this micro-batch's value for the ``engine.step()`` that follows. ``batch`` may
-    be in host memory (train.py leaves it there): each chunk is copied to the engine's device as it is encoded.
+    be in host memory (train.py leaves it there, unpinned): each chunk is copied to the engine's device as it is
+    encoded.
     """
     if engine.zero_optimization_partition_weights():
         raise UserError("--grad-cache works with --zero 0, 1 or 2, not 3: lower --zero or drop --grad-cache")
     model: RunModel = engine.module
     if chunk >= _batch_size(batch):  # one chunk: the plain step is the same, without the extra forward
-        out = engine(to_device(batch, engine.device))
+        out = engine(to_device(batch, engine.device, engine.device.type == "cuda"))
         engine.backward(out["loss"])
         return out
     boundary = (engine.micro_steps + 1) % engine.gradient_accumulation_steps() == 0

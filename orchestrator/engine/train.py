@@ -391,10 +391,13 @@ def make_loader(split: Any, model: RunModel, trainer: dict[str, Any], rank: int,
                 device: torch.device) -> tuple[_Shards, torch.utils.data.DataLoader]:
     """An attempt's one loader of ``split`` and its batch sampler: set ``shards.batches`` to this rank's
     ``(epoch, index)`` micro-batches, then iterate. ``--workers`` processes live across epochs, each keeping
-    ``--prefetch`` micro-batches ready; on a GPU the batches come pinned. (bench/loader.py measures this.)"""
+    ``--prefetch`` micro-batches ready; on a GPU the batches come pinned, except with ``--grad-cache``, whose
+    step pins one chunk at a time (a whole cached batch pinned would take twice its size in host memory).
+    (bench/loader.py measures this.)"""
     shards, workers = _Shards(), trainer["workers"]
+    pin = device.type == "cuda" and not trainer.get("grad_cache")
     loader = torch.utils.data.DataLoader(
-        _EpochIndexed(split), batch_sampler=shards, num_workers=workers, pin_memory=device.type == "cuda",
+        _EpochIndexed(split), batch_sampler=shards, num_workers=workers, pin_memory=pin,
         collate_fn=partial(_collate_epoch, model=model, seed=trainer["seed"]), persistent_workers=workers > 0,
         prefetch_factor=trainer.get("prefetch", 2) if workers else None, generator=_loader_generator(trainer, rank),
         worker_init_fn=loader_worker_init)
