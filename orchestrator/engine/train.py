@@ -255,6 +255,7 @@ def train(spec: dict[str, Any], registry: Registry, run: RunInfo, store: Store |
                 else:
                     out = engine(to_device(batch, device))
                     engine.backward(out["loss"])
+                del batch  # not held while the next one is loaded: a cached batch can be tens of GiB
                 engine.step()
                 _add_to_interval(interval, out, trainer["accum"])
             run_after_step(model.loss, engine.optimizer)  # on the fp32 masters, gathered under ZeRO-3
