@@ -27,7 +27,7 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -463,13 +463,13 @@ def _collate(samples: list[tuple[int, dict[str, Any]]], model: RunModel, seed: i
     items = [item for _, item in samples]
     batch: dict[str, Any] = {}
     if model.needs & {"image", "image-tokens"}:
-        batch["image"] = torch.stack([model.image_encoder.transform(s["image"]) for s in items])
+        batch["image"] = _stack((model.image_encoder.transform(s["image"]) for s in items), len(items))
     if "views" in model.needs:
         transform, threads = model.image_encoder.transform, torch.get_num_threads()
         torch.set_num_threads(1)  # per-sample ops are tiny: one thread, as in a loader worker, is faster
         try:
-            batch["views"] = [torch.stack([transform(_augment(view, s["image"], (seed, epoch, index, v)))
-                                           for index, s in zip(indices, items)])
+            batch["views"] = [_stack((transform(_augment(view, s["image"], (seed, epoch, index, v)))
+                                      for index, s in zip(indices, items)), len(items))
                               for v, view in enumerate(model.loss.views)]
         finally:
             torch.set_num_threads(threads)
@@ -478,6 +478,20 @@ def _collate(samples: list[tuple[int, dict[str, Any]]], model: RunModel, seed: i
     if "label" in model.needs:
         batch["label"] = torch.tensor([s["label"] for s in items])
     return batch
+
+
+def _stack(tensors: Iterable[torch.Tensor], n: int) -> torch.Tensor:
+    """``torch.stack`` of ``n`` samples made one at a time, each copied into the batch as it comes: a list of them
+    would be a second copy of the batch (tens of GiB for a cached batch of 65,536 images)."""
+    out = None
+    for i, tensor in enumerate(tensors):
+        if out is None:
+            out = tensor.new_empty((n, *tensor.shape))
+        elif tensor.shape != out.shape[1:]:
+            raise ValueError(f"stack expects each tensor to be equal size, but got {list(out.shape[1:])} at entry 0 "
+                             f"and {list(tensor.shape)} at entry {i}")
+        out[i] = tensor
+    return out
 
 
 def _augment(view: Any, image: torch.Tensor, key: tuple[int, int, int, int]) -> torch.Tensor:
