@@ -308,16 +308,3 @@ def test_the_bench_repeats_its_drawn_images_through_the_batch() -> None:
     assert all(torch.equal(repeated[i], repeated[i % 24]) for i in range(64))
     assert torch.equal(synthetic_images((64, 3, 4, 4), 100), every)  # more than the batch: all drawn
 
-
-@pytest.mark.parametrize(("grad_cache", "pinned"), [("0", True), ("16", False)])
-def test_on_a_gpu_the_loader_pins_whole_batches_only_without_caching(grad_cache: str, pinned: bool) -> None:
-    """With --grad-cache the cached step pins each chunk as it copies it (``cached_step``), so the loader must not
-    pin the whole batch: at 65,536 images of 224 px that would be a 64 GiB pinned block beside the batch. The
-    loader is only built here (nothing touches a GPU); tests/engine/test_gpu.py runs the step from host memory."""
-    from orchestrator.engine.train import make_loader
-    from orchestrator.spec import resolve_trainer
-
-    trainer = resolve_trainer({"grad_cache": grad_cache})
-    for device, pin in ((torch.device("cuda"), pinned), (torch.device("cpu"), False)):
-        _, loader = make_loader(list(range(8)), None, trainer, rank=0, device=device)
-        assert loader.pin_memory is pin
