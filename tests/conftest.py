@@ -9,8 +9,10 @@ import subprocess
 import sys
 import time
 import uuid
+import weakref
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -144,6 +146,29 @@ def imagenet_folder(root: Path) -> Path:
     from plugins.evaluators import imagenet_metadata
 
     return image_folder(root, imagenet_metadata()["wnids"][:3])
+
+
+class AliveImages:
+    """A split whose images are counted while alive: each read makes a new tensor, as a decoding dataset's does,
+    so ``most_alive`` says how many decoded images a reader held at once."""
+
+    def __init__(self, split: Any) -> None:
+        self.split, self.alive, self.most_alive = split, 0, 0
+        self.labels, self.captions = getattr(split, "labels", None), getattr(split, "captions", None)
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        item = dict(self.split[i])
+        item["image"] = item["image"].clone()
+        self.alive += 1
+        self.most_alive = max(self.most_alive, self.alive)
+        weakref.finalize(item["image"], self._dropped)
+        return item
+
+    def _dropped(self) -> None:
+        self.alive -= 1
 
 
 def training_processes(run_dir: Path) -> list[psutil.Process]:

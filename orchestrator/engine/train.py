@@ -27,7 +27,7 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -398,7 +398,7 @@ def make_loader(split: Any, model: RunModel, trainer: dict[str, Any], rank: int,
     shards, workers = _Shards(), trainer["workers"]
     pin = device.type == "cuda" and not trainer.get("grad_cache")
     loader = torch.utils.data.DataLoader(
-        _EpochIndexed(split), batch_sampler=shards, num_workers=workers, pin_memory=pin,
+        _EpochSplit(split), batch_sampler=shards, num_workers=workers, pin_memory=pin,
         collate_fn=partial(_collate_epoch, model=model, seed=trainer["seed"]), persistent_workers=workers > 0,
         prefetch_factor=trainer.get("prefetch", 2) if workers else None, generator=_loader_generator(trainer, rank),
         worker_init_fn=loader_worker_init)
@@ -419,22 +419,39 @@ class _Shards:
         return len(self.batches)
 
 
-class _EpochIndexed(torch.utils.data.Dataset):
-    """``(epoch, index)`` -> ``(epoch, (index, item))``: the epoch rides along to the collate function."""
+class _EpochSplit(torch.utils.data.Dataset):
+    """The loader's dataset: a micro-batch of ``(epoch, index)`` keys -> its samples (``_Samples``), which the
+    split decodes one at a time as collation reaches them."""
 
     def __init__(self, split: Any) -> None:
-        self.indexed = _Indexed(split)
+        self.split = split
 
     def __len__(self) -> int:
-        return len(self.indexed)
+        return len(self.split)
 
-    def __getitem__(self, key: tuple[int, int]) -> tuple[int, tuple[int, dict[str, Any]]]:
-        return key[0], self.indexed[key[1]]
+    def __getitems__(self, keys: list[tuple[int, int]]) -> _Samples:
+        return _Samples(self.split, keys)
 
 
-def _collate_epoch(samples: list[tuple[int, tuple[int, dict[str, Any]]]], model: RunModel,
-                   seed: int) -> dict[str, Any]:
-    return _collate([sample for _, sample in samples], model, seed=seed, epoch=samples[0][0])
+class _Samples:
+    """A micro-batch's ``(index, item)`` samples, each read from the split only when iteration reaches it, so
+    collation holds a sample or two beside the batch it fills: a list of a batch's decoded samples would be a second
+    copy of the batch (tens of GiB for a cached batch of 65,536 images of 224 px; docs/scale.md measures it)."""
+
+    def __init__(self, split: Any, keys: list[tuple[int, int]]) -> None:
+        self.split, self.keys = split, keys
+        self.epoch = keys[0][0]  # a micro-batch never spans epochs (epoch_loader)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __iter__(self) -> Iterator[tuple[int, dict[str, Any]]]:
+        for _, index in self.keys:
+            yield index, self.split[index]
+
+
+def _collate_epoch(samples: _Samples, model: RunModel, seed: int) -> dict[str, Any]:
+    return _collate(samples, model, seed=seed, epoch=samples.epoch)
 
 
 def _loader_generator(trainer: dict[str, Any], rank: int) -> torch.Generator:
@@ -444,54 +461,57 @@ def _loader_generator(trainer: dict[str, Any], rank: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-class _Indexed(torch.utils.data.Dataset):
-    """The train split, each item with its index: a view's augmentation is seeded from it."""
-
-    def __init__(self, split: Any) -> None:
-        self.split = split
-
-    def __len__(self) -> int:
-        return len(self.split)
-
-    def __getitem__(self, index: int) -> tuple[int, dict[str, Any]]:
-        return index, self.split[index]
-
-
-def _collate(samples: list[tuple[int, dict[str, Any]]], model: RunModel, seed: int, epoch: int) -> dict[str, Any]:
-    """Apply each tower's own preprocessing: the image transform (after the loss's views) and the tokenizer."""
-    indices = [index for index, _ in samples]
-    items = [item for _, item in samples]
-    batch: dict[str, Any] = {}
-    if model.needs & {"image", "image-tokens"}:
-        batch["image"] = _stack((model.image_encoder.transform(s["image"]) for s in items), len(items))
-    if "views" in model.needs:
-        transform, threads = model.image_encoder.transform, torch.get_num_threads()
+def _collate(samples: Collection[tuple[int, dict[str, Any]]], model: RunModel, seed: int,
+             epoch: int) -> dict[str, Any]:
+    """Apply each tower's own preprocessing: the image transform (after the loss's views) and the tokenizer. One
+    pass over ``samples``, each sample dropped once its rows of the batch are filled (``_Samples``)."""
+    n, needs = len(samples), model.needs
+    transform, views = model.image_encoder.transform, model.loss.views if "views" in needs else ()
+    images = _Rows(n) if needs & {"image", "image-tokens"} else None
+    view_rows = [_Rows(n) for _ in views]
+    texts, labels = [], []
+    threads = torch.get_num_threads()
+    if views:
         torch.set_num_threads(1)  # per-sample ops are tiny: one thread, as in a loader worker, is faster
-        try:
-            batch["views"] = [_stack((transform(_augment(view, s["image"], (seed, epoch, index, v)))
-                                      for index, s in zip(indices, items)), len(items))
-                              for v, view in enumerate(model.loss.views)]
-        finally:
-            torch.set_num_threads(threads)
-    if model.needs & {"text", "text-tokens"}:
-        batch["text"] = model.text_tower.tokenize([s["text"] for s in items])
-    if "label" in model.needs:
-        batch["label"] = torch.tensor([s["label"] for s in items])
+    try:
+        for index, item in samples:
+            if images is not None:
+                images.add(transform(item["image"]))
+            for v, (view, rows) in enumerate(zip(views, view_rows)):
+                rows.add(transform(_augment(view, item["image"], (seed, epoch, index, v))))
+            if needs & {"text", "text-tokens"}:
+                texts.append(item["text"])
+            if "label" in needs:
+                labels.append(item["label"])
+    finally:
+        torch.set_num_threads(threads)
+    batch: dict[str, Any] = {}
+    if images is not None:
+        batch["image"] = images.out
+    if views:
+        batch["views"] = [rows.out for rows in view_rows]
+    if needs & {"text", "text-tokens"}:
+        batch["text"] = model.text_tower.tokenize(texts)
+    if "label" in needs:
+        batch["label"] = torch.tensor(labels)
     return batch
 
 
-def _stack(tensors: Iterable[torch.Tensor], n: int) -> torch.Tensor:
-    """``torch.stack`` of ``n`` samples made one at a time, each copied into the batch as it comes: a list of them
+class _Rows:
+    """``torch.stack`` of ``n`` samples added one at a time, each copied into the batch as it comes: a list of them
     would be a second copy of the batch (tens of GiB for a cached batch of 65,536 images)."""
-    out = None
-    for i, tensor in enumerate(tensors):
-        if out is None:
-            out = tensor.new_empty((n, *tensor.shape))
-        elif tensor.shape != out.shape[1:]:
-            raise ValueError(f"stack expects each tensor to be equal size, but got {list(out.shape[1:])} at entry 0 "
-                             f"and {list(tensor.shape)} at entry {i}")
-        out[i] = tensor
-    return out
+
+    def __init__(self, n: int) -> None:
+        self.n, self.count, self.out = n, 0, None
+
+    def add(self, tensor: torch.Tensor) -> None:
+        if self.out is None:
+            self.out = tensor.new_empty((self.n, *tensor.shape))
+        elif tensor.shape != self.out.shape[1:]:
+            raise ValueError(f"stack expects each tensor to be equal size, but got {list(self.out.shape[1:])} at "
+                             f"entry 0 and {list(tensor.shape)} at entry {self.count}")
+        self.out[self.count] = tensor
+        self.count += 1
 
 
 def _augment(view: Any, image: torch.Tensor, key: tuple[int, int, int, int]) -> torch.Tensor:

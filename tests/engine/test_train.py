@@ -5,19 +5,53 @@ from __future__ import annotations
 import pytest
 import torch
 
-from orchestrator.engine.train import _stack, make_loader
-from orchestrator.spec import resolve_trainer
+from orchestrator.engine.compose import build
+from orchestrator.engine.train import _collate, _Rows, make_loader
+from orchestrator.registry import Registry
+from orchestrator.spec import resolve_run, resolve_trainer
+from tests.conftest import AliveImages
 
 
 def test_samples_are_stacked_as_torch_stack_does() -> None:
-    """``_stack`` copies each sample into the batch as it is made (a list of them would be a second copy of the
+    """``_Rows`` copies each sample into the batch as it is made (a list of them would be a second copy of the
     batch; docs/scale.md measures the memory): the same tensor as ``torch.stack``, and a sample of another shape
     is refused rather than broadcast into the batch."""
     samples = [torch.rand(3, 5, 4) for _ in range(6)]
-    batch = _stack((sample for sample in samples), len(samples))
-    assert torch.equal(batch, torch.stack(samples)) and batch.dtype == torch.float32
+    rows = _Rows(len(samples))
+    for sample in samples:
+        rows.add(sample)
+    assert torch.equal(rows.out, torch.stack(samples)) and rows.out.dtype == torch.float32
+    rows = _Rows(3)
+    rows.add(samples[0])
+    rows.add(samples[1])
     with pytest.raises(ValueError, match=r"\[3, 5, 4\] at entry 0 and \[1, 5, 4\] at entry 2"):
-        _stack(iter([samples[0], samples[1], torch.rand(1, 5, 4)]), 3)
+        rows.add(torch.rand(1, 5, 4))
+
+
+@pytest.mark.parametrize("loss", ["infonce", "ntxent"])
+def test_the_loader_decodes_a_batch_one_sample_at_a_time(loss: str) -> None:
+    """Collation holds a decoded sample or two beside the batch it fills, never the whole micro-batch (for a
+    dataset that decodes at 224 px, that list was a second copy of the batch); the batch is the one the samples
+    make, image and text (CLIP) or seeded views (SimCLR)."""
+    registry = Registry.load()
+    choices = {"loss": loss, "encoder": "vit:depth=1,width=32,embed_dim=32", "eval": ["knn"]}
+    if loss == "infonce":
+        choices["text_encoder"] = "text-transformer:depth=1,width=32,embed_dim=32"
+    spec = resolve_run(registry, choices, {})
+    comp = build(registry, spec)
+    split = AliveImages(comp.dataset.train)
+    shards, loader = make_loader(split, comp.model, spec["trainer"], rank=0, device=torch.device("cpu"))
+    shards.batches = [[(3, i) for i in range(5, 21)]]
+    batch = next(iter(loader))
+    assert split.most_alive <= 2 and split.alive == 0  # the last sample, while the next is read
+    expected = _collate([(i, comp.dataset.train[i]) for i in range(5, 21)], comp.model, seed=spec["trainer"]["seed"],
+                        epoch=3)
+    assert batch.keys() == expected.keys()
+    for key, value in batch.items():
+        if key == "views":
+            assert len(value) == 2 and all(torch.equal(a, b) for a, b in zip(value, expected["views"]))
+        else:
+            assert torch.equal(value, expected[key]), key
 
 
 @pytest.mark.parametrize(("grad_cache", "pinned"), [("0", True), ("16", False)])
