@@ -267,7 +267,7 @@ Options are the keyword parameters of ``__init__``: ``orch run --eval @NAME@:max
 from __future__ import annotations
 
 import torch
-from orchestrator.engine.evaluation import EvalContext
+from orchestrator.engine.evaluation import EvalContext, SplitImages
 
 
 class @CLASS@:
@@ -279,7 +279,7 @@ class @CLASS@:
     def evaluate(self, ctx: EvalContext) -> dict[str, float]:
         train, test = ctx.dataset.train, ctx.dataset.test
         keep = min(len(train), self.max_train)
-        train_features = ctx.encode_images([train[i]["image"] for i in range(keep)]).cpu()
+        train_features = ctx.encode_images(SplitImages(train)[:keep]).cpu()
         train_labels = torch.as_tensor(train.labels[:keep])
         features, labels = ctx.encode_split(test)
         nearest = (features.cpu() @ train_features.T).argmax(dim=-1)

@@ -18,6 +18,23 @@ from orchestrator.errors import UserError
 Representation = Literal["auto", "embedding", "backbone"]
 
 
+class SplitImages(Sequence[torch.Tensor]):
+    """The images of ``split`` (of its samples ``indices``, when given), each decoded only when read; a slice is
+    another such view. Give it to ``EvalContext.encode_images`` so that one batch of images is held at a time, not
+    the split: a kNN bank is the whole train split, and a million images of 224 px are 600 GB as floats."""
+
+    def __init__(self, split: Any, indices: range | None = None) -> None:
+        self.split, self.indices = split, range(len(split)) if indices is None else indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int | slice) -> Any:
+        if isinstance(i, slice):
+            return SplitImages(self.split, self.indices[i])
+        return self.split[self.indices[i]]["image"]
+
+
 class EvalInterrupted(Exception):
     """The run was asked to stop during an evaluation: the engine saves the step and evaluates it on resume."""
 
@@ -58,8 +75,9 @@ class EvalContext:
     @torch.no_grad()
     def encode_images(self, images: Sequence[torch.Tensor] | torch.Tensor,
                       representation: Representation = "embedding") -> torch.Tensor:
-        """L2-normalised embeddings of raw image tensors (each C x H x W in [0, 1]), in float32.
-        ``representation="backbone"``: the encoder's ``representation`` before its projection head instead."""
+        """L2-normalised embeddings of raw image tensors (each C x H x W in [0, 1]), in float32, encoded in
+        batches: ``SplitImages(split)`` decodes one batch at a time. ``representation="backbone"``: the encoder's
+        ``representation`` before its projection head instead."""
         transform = self.image_encoder.transform
         encode = self.image_encoder
         if self.resolve(representation) == "backbone":
@@ -92,6 +110,6 @@ class EvalContext:
 
     def encode_split(self, split: Any, representation: Representation = "embedding",
                      ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Embeddings (or backbone representations) and labels of every sample of a labelled split."""
-        images = [split[i]["image"] for i in range(len(split))]
-        return self.encode_images(images, representation), torch.as_tensor(split.labels)
+        """Embeddings (or backbone representations) and labels of every sample of a labelled split, decoded one
+        batch at a time."""
+        return self.encode_images(SplitImages(split), representation), torch.as_tensor(split.labels)

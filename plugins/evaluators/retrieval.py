@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 import torch
 
-from orchestrator.engine.evaluation import EvalContext
+from orchestrator.engine.evaluation import EvalContext, SplitImages
 
 KS = (1, 5, 10)
 SIMILARITY_BUDGET = 2**26  # entries of one [queries, candidates] block (256 MiB in float32)
@@ -62,7 +62,7 @@ class Retrieval:
         unique = list(dict.fromkeys(captions))
         position = {c: i for i, c in enumerate(unique)}
         caption_index = torch.as_tensor([position[c] for c in captions])
-        images = ctx.encode_images([split[i]["image"] for i in range(len(split))])
+        images = ctx.encode_images(SplitImages(split))
         texts = ctx.encode_texts(unique).to(images.device)[caption_index.to(images.device)]  # one per sample
         self._seen = {"pairs": len(split), "distinct_captions": len(unique)}
         pairs = torch.arange(len(split))

@@ -12,10 +12,13 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 
-from orchestrator.engine.evaluation import EvalContext, EvalInterrupted
+from orchestrator.engine.evaluation import EvalContext, EvalInterrupted, SplitImages
 from orchestrator.engine.train import _evaluate
+from orchestrator.testing import eval_context
+from tests.conftest import AliveImages
 
 
 class DrawsFromEveryRng:
@@ -86,6 +89,25 @@ def test_a_stop_request_interrupts_the_encoders_between_batches() -> None:
         ctx.encode_images([torch.rand(4) for _ in range(10)])
     assert encoder.batches == 2  # of 5: the third never started
     assert EvalContext(_Counting(), None, None, torch.device("cpu")).encode_images([torch.rand(4)]).shape == (1, 2)
+
+
+def test_a_split_is_encoded_one_batch_of_decoded_images_at_a_time() -> None:
+    """``encode_split`` (the kNN bank is the whole train split) holds one batch of decoded images, not the split,
+    and gives the embeddings of encoding them all at once; ``SplitImages`` slices lazily."""
+    ctx = eval_context(text=False)
+    split = AliveImages(ctx.dataset.train)
+    everything = torch.stack([ctx.image_encoder.transform(split[i]["image"]) for i in range(len(split))])
+    split.most_alive = 0
+    ctx.batch_size = 4
+    features, labels = ctx.encode_split(split)
+    assert split.most_alive <= 5 and split.alive == 0  # a batch, and the next image read
+    with torch.no_grad():
+        assert torch.allclose(features, F.normalize(ctx.image_encoder(everything), dim=-1), atol=1e-6)
+    assert labels.tolist() == list(split.labels)
+    view = SplitImages(split)[3:11][1::2]
+    assert len(view) == 4 and all(torch.equal(view[k], split[4 + 2 * k]["image"]) for k in range(4))
+    with pytest.raises(IndexError):
+        view[4]
 
 
 @pytest.mark.parametrize("zero, interrupted", [(0, True), (3, False)])

@@ -13,6 +13,7 @@ from orchestrator.engine.evaluation import EvalContext
 from orchestrator.registry import Registry
 from orchestrator.testing import assert_light, check, eval_context
 from plugins.evaluators.retrieval import Retrieval, expected_recall
+from tests.conftest import AliveImages
 
 
 class NumberText(nn.Module):
@@ -42,6 +43,15 @@ def test_identical_image_and_text_features_give_100():
     evaluator = Retrieval()
     assert evaluator.evaluate(ctx) == {f"{d}_r{k}": 100.0 for d in ("i2t", "t2i") for k in (1, 5, 10)}
     assert evaluator.protocol()["pairs"] == 40 and evaluator.protocol()["distinct_captions"] == 40
+
+
+def test_the_images_are_decoded_one_batch_at_a_time():
+    """A split of a million 224 px images is 600 GB as floats: the evaluator must not list them all first."""
+    data = paired(40)
+    data.test = AliveImages(data.test)
+    ctx = EvalContext(PixelIdImage(40), NumberText(40), data, torch.device("cpu"), batch_size=7)
+    assert Retrieval().evaluate(ctx)["i2t_r1"] == 100.0
+    assert data.test.most_alive <= 8 and data.test.alive == 0  # a batch, and the next image read
 
 
 def test_mismatched_pairs_and_a_near_miss():
