@@ -297,6 +297,30 @@ def test_the_gradcache_bench_compares_losses_and_chunks(tmp_path: Path) -> None:
     assert re.search(r"\|\s*infonce:tile=16\s*\|\s*16\s*\|\s*ok\s*\|", result.stdout), result.stdout
 
 
+
+@pytest.mark.slow
+def test_the_host_memory_bench_runs_orch_on_a_csv_of_jpegs(tmp_path: Path) -> None:
+    """bench/host_memory.py, small: one training ``orch run`` per --workers value and one kNN evaluation on the JPEGs
+    it writes, each reporting the peak resident set of the run's largest process beside the pixels it must hold."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "host_memory.json"
+    root = Path(__file__).resolve().parents[2]
+    result = subprocess.run([sys.executable, "bench/host_memory.py", "--batch-size", "32", "--grad-cache", "8",
+                             "--image-size", "32", "--source-size", "48", "--steps", "1", "--workers", "0",
+                             "--json", str(out)], cwd=root, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    payload = json.loads(out.read_text())
+    assert payload["images"] == 48
+    train, evaluate = payload["results"]
+    assert (train["what"], train["workers"], evaluate["what"]) == ("train", 0, "evaluate (knn)")
+    assert train["reference_bytes"] == 32 * 3 * 32 * 32 * 4 and evaluate["reference_bytes"] == 38 * 3 * 32 * 32 * 4
+    for row in (train, evaluate):  # a process that imported torch, not the bench's own few MB
+        assert 200e6 < row["peak_rss_bytes"] < 8e9
+    assert "| evaluate (knn) | 0 " in result.stdout and "peak / reference" in result.stdout
+
+
 def test_the_bench_repeats_its_drawn_images_through_the_batch() -> None:
     """bench/gradcache.py --distinct-images: the first images as drawn without it, then the same again in order."""
     from bench.gradcache import synthetic_images
