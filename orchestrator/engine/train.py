@@ -54,7 +54,7 @@ from orchestrator.engine.dsconfig import (
     warmup_cosine,
     weight_decay_at,
 )
-from orchestrator.engine.evaluation import EvalContext, EvalInterrupted
+from orchestrator.engine.evaluation import EvalContext, EvalInterrupted, SplitImages
 from orchestrator.engine.gradcache import engine_cached_step
 from orchestrator.engine.scale import prepare, run_after_step
 from orchestrator.errors import UserError
@@ -226,7 +226,7 @@ def train(spec: dict[str, Any], registry: Registry, run: RunInfo, store: Store |
         comp.sampler.setup(train_split)
     refresh_every = getattr(comp.sampler, "refresh_every", 0) or 0
     if refresh_every and not resume_tag:  # a resumed sampler has its refreshed state back already
-        _refresh_sampler(comp, model, device, precision)
+        _refresh_sampler(comp, model, device, precision, trainer["workers"])
 
     def epoch_loader(epoch: int, start: int) -> tuple[int, Any]:
         """This rank's micro-batches of ``epoch`` from global batch ``start`` on, and the epoch's batch count."""
@@ -294,8 +294,8 @@ def train(spec: dict[str, Any], registry: Registry, run: RunInfo, store: Store |
                     eval_pending = stopping = saving = True
                 elif reporter:
                     reporter.log(step, results)
-            if refresh_every and step % refresh_every == 0 and step < trainer["steps"]:
-                _refresh_sampler(comp, model, device, precision)  # before the save: a resume starts refreshed
+            if refresh_every and step % refresh_every == 0 and step < trainer["steps"]:  # before the save: a resume
+                _refresh_sampler(comp, model, device, precision, trainer["workers"])  # starts refreshed
                 epoch_batches, micro_batches = epoch_loader(epoch, batch_in_epoch)
             if saving:
                 rank_state = {"rng": _get_rng(), "interval": interval, "interval_steps": interval_steps}
@@ -527,13 +527,12 @@ def _augment(view: Any, image: torch.Tensor, key: tuple[int, int, int, int]) -> 
         generator.set_state(state)
 
 
-def _refresh_sampler(comp: Composition, model: RunModel, device: torch.device, precision: str) -> None:
+def _refresh_sampler(comp: Composition, model: RunModel, device: torch.device, precision: str, workers: int) -> None:
     """Give the sampler the normalised train embeddings under the current image tower (every rank alike)."""
-    split = comp.dataset.train
-    ctx = EvalContext(model.image_encoder, model.text_tower, comp.dataset, device, DTYPES[precision])
+    ctx = EvalContext(model.image_encoder, model.text_tower, comp.dataset, device, DTYPES[precision], workers=workers)
     model.eval()
     with _rng_kept():
-        embeddings = ctx.encode_images([split[i]["image"] for i in range(len(split))])
+        embeddings = ctx.encode_images(SplitImages(comp.dataset.train))
     model.train()
     comp.sampler.refresh(embeddings.float().cpu())
 
@@ -633,7 +632,8 @@ def _evaluate(comp: Composition, model: RunModel, device: torch.device, precisio
     results: dict[str, float] | None = {}
     everywhere = trainer["zero"] == 3  # partitioned parameters: every rank must take part in forwards
     if dist.get_rank() == 0 or everywhere:
-        ctx = EvalContext(model.image_encoder, model.text_tower, comp.dataset, device, DTYPES[precision])
+        ctx = EvalContext(model.image_encoder, model.text_tower, comp.dataset, device, DTYPES[precision],
+                          workers=trainer["workers"])
         if stop_asked is not None and not everywhere:  # under ZeRO-3 the ranks would have to agree on every batch
             ctx.stop_asked = stop_asked
         model.eval()

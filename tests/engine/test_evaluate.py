@@ -5,6 +5,7 @@ request stops an evaluation between batches."""
 from __future__ import annotations
 
 import random
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -46,7 +47,7 @@ def test_evaluating_leaves_every_global_rng_where_it_was() -> None:
         seed()
         expected = _draws()
         seed()
-        results = _evaluate(comp, model, torch.device("cpu"), "fp32", {"zero": 0})
+        results = _evaluate(comp, model, torch.device("cpu"), "fp32", {"zero": 0, "workers": 0})
         assert set(results) == {"careless/draws"}  # the evaluator did run, and drew
         assert _draws() == expected
     finally:
@@ -110,6 +111,21 @@ def test_a_split_is_encoded_one_batch_of_decoded_images_at_a_time() -> None:
         view[4]
 
 
+def test_loader_workers_decode_a_split_into_the_same_embeddings_in_order() -> None:
+    """With ``workers`` (a run's --workers), a split's images are decoded by loader processes, as in training: the
+    same embeddings in the same order as decoding them here, and a stop request still ends it between batches."""
+    ctx = eval_context(text=False)
+    ctx.batch_size = 4
+    expected, labels = ctx.encode_split(ctx.dataset.train)
+    ctx.workers = 2
+    features, same_labels = ctx.encode_split(ctx.dataset.train)
+    assert torch.equal(features, expected) and torch.equal(labels, same_labels)
+    assert torch.allclose(ctx.encode_images(SplitImages(ctx.dataset.train)[5:]), expected[5:], atol=1e-6)
+    ctx.stop_asked = lambda: True
+    with pytest.raises(EvalInterrupted):
+        ctx.encode_split(ctx.dataset.train)
+
+
 @pytest.mark.parametrize("zero, interrupted", [(0, True), (3, False)])
 def test_evaluate_returns_none_when_interrupted_except_under_zero_3(zero: int, interrupted: bool) -> None:
     """Interrupted, ``_evaluate`` gives None (every rank agrees: the engine then saves the step and evaluates it on
@@ -126,9 +142,29 @@ def test_evaluate_returns_none_when_interrupted_except_under_zero_3(zero: int, i
         torch.manual_seed(0)
         expected = torch.rand(())
         torch.manual_seed(0)
-        results = _evaluate(comp, model, torch.device("cpu"), "fp32", {"zero": zero}, stop_asked=lambda: True)
+        results = _evaluate(comp, model, torch.device("cpu"), "fp32", {"zero": zero, "workers": 0},
+                            stop_asked=lambda: True)
         assert (results is None) == interrupted and modes == ["eval", "train"]
         assert torch.rand(()) == expected
     finally:
         if started:
             dist.destroy_process_group()
+
+
+def test_the_evaluation_bench_times_encode_split_per_worker_count(tmp_path: Path) -> None:
+    """bench/evaluate.py, small: every worker count encodes the whole train split of the JPEGs it writes, each
+    round, and the table shows each rate against the first count's."""
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "evaluate.json"
+    root = Path(__file__).resolve().parents[2]
+    result = subprocess.run([sys.executable, "bench/evaluate.py", "--images", "20", "--source-size", "40",
+                             "--workers", "0,1", "--rounds", "2", "--json", str(out)],
+                            cwd=root, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["split"] == 16 and [r["workers"] for r in report["results"]] == [0, 1]
+    assert all(len(r["seconds"]) == 2 and r["images_per_s"] > 0 for r in report["results"])
+    assert "| 1       |" in result.stdout and "vs workers 0" in result.stdout
