@@ -499,14 +499,21 @@ def _collate(samples: Collection[tuple[int, dict[str, Any]]], model: RunModel, s
 
 class _Rows:
     """``torch.stack`` of ``n`` samples added one at a time, each copied into the batch as it comes: a list of them
-    would be a second copy of the batch (tens of GiB for a cached batch of 65,536 images)."""
+    would be a second copy of the batch (tens of GiB for a cached batch of 65,536 images). In a loader worker the
+    batch is made in shared memory, as torch's ``default_collate`` makes it: sending a batch from ordinary memory
+    copies it into shared memory first."""
 
     def __init__(self, n: int) -> None:
         self.n, self.count, self.out = n, 0, None
 
     def add(self, tensor: torch.Tensor) -> None:
         if self.out is None:
-            self.out = tensor.new_empty((self.n, *tensor.shape))
+            shape = (self.n, *tensor.shape)
+            if torch.utils.data.get_worker_info() is None:
+                self.out = tensor.new_empty(shape)
+            else:
+                storage = tensor._typed_storage()._new_shared(self.n * tensor.numel(), device=tensor.device)
+                self.out = tensor.new(storage).view(shape)
         elif tensor.shape != self.out.shape[1:]:
             raise ValueError(f"stack expects each tensor to be equal size, but got {list(self.out.shape[1:])} at "
                              f"entry 0 and {list(tensor.shape)} at entry {self.count}")

@@ -28,6 +28,22 @@ def test_samples_are_stacked_as_torch_stack_does() -> None:
         rows.add(torch.rand(1, 5, 4))
 
 
+def _filled_in_shared_memory(samples: list[torch.Tensor]) -> bool:
+    rows = _Rows(len(samples))
+    for sample in samples:
+        rows.add(sample)
+    return rows.out.is_shared() and torch.equal(rows.out, torch.stack(samples))
+
+
+def test_a_loader_worker_fills_its_batch_in_shared_memory() -> None:
+    """A worker's batch is sent to the training process through shared memory: filled there directly, as torch's
+    default_collate does, it is not copied into it on the way (a second batch in the worker while it is sent)."""
+    samples = [torch.rand(3, 4, 4) for _ in range(5)]
+    assert not _filled_in_shared_memory(samples)  # the training process itself loads (--workers 0)
+    loader = torch.utils.data.DataLoader(samples, batch_size=5, num_workers=1, collate_fn=_filled_in_shared_memory)
+    assert next(iter(loader)) is True
+
+
 @pytest.mark.parametrize("loss", ["infonce", "ntxent"])
 def test_the_loader_decodes_a_batch_one_sample_at_a_time(loss: str) -> None:
     """Collation holds a decoded sample or two beside the batch it fills, never the whole micro-batch (for a
