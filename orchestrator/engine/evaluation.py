@@ -11,7 +11,7 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, default_collate
 
 from orchestrator.data import loader_worker_init
 from orchestrator.errors import UserError
@@ -39,7 +39,7 @@ class SplitImages(Sequence[torch.Tensor]):
 
 
 def _transformed(images: Iterable[torch.Tensor], transform: Callable) -> torch.Tensor:
-    return torch.stack([transform(image) for image in images])
+    return default_collate([transform(image) for image in images])  # in a loader worker: into shared memory
 
 
 class EvalInterrupted(Exception):
