@@ -6,7 +6,8 @@
 # then one device call with carry [".whl"] and timeout_s 600:
 #   sh bench/gpu_session.sh all        # everything below, most needed first, inside ORCH_GPU_SECONDS (default 540)
 # or one stage per call:
-#   sh bench/gpu_session.sh tests      # tests/engine/test_gpu.py, bench/overhead.py and bench/stop_vote.py on the GPU
+#   sh bench/gpu_session.sh tests      # tests/engine/test_gpu.py, bench/overhead.py and bench/stop_vote.py on the GPU,
+#                                      # then bench/evaluate.py on the host's cores
 #   sh bench/gpu_session.sh clip       # bench/clip_throughput.py: ViT-B/16 and ViT-B/32, orch vs open_clip
 #   sh bench/gpu_session.sh gradcache  # 65,536 image-text pairs, CLIP ViT-B/32 towers, tiled InfoNCE
 # Logs and JSON go to $OUT (the device tool brings back 8 files at most); figures go to bench/RESULTS.md by hand.
@@ -26,6 +27,9 @@ stop_vote() {
 clip() {  # $1: ViT-B-16 or ViT-B-32; $2: rounds
     python3 bench/clip_throughput.py --models "$1" --rounds "$2" \
         --variants orch,orch-compile,orch-zero2-overlap,open_clip --json "$out/clip_${1#ViT-}.json"
+}
+evaluate() {  # the host's cores, not the GPU: evaluation decoding with loader workers on 16 cores
+    python3 bench/evaluate.py --workers 0,2,4,8 --rounds 2 --json "$out/evaluate.json"
 }
 gradcache() {
     python3 bench/gradcache.py --batch-size 65536 --chunks 512 --skip-off --steps 1 --warmup 1 \
@@ -77,11 +81,13 @@ case "${1:-}" in
         within 240 gradcache
         within 60 stop_vote
         within 240 clip ViT-B-32 4
+        within 90 evaluate
         ;;
     tests)
         within 600 tests
         within 600 overhead
         within 600 stop_vote
+        within 600 evaluate
         ;;
     clip)
         within 600 clip ViT-B-16 6
