@@ -101,7 +101,8 @@ class EvalContext:
                 out.append(encode(batch.to(self.device), **kwargs).float())
         return F.normalize(torch.cat(out), dim=-1)
 
-    def _image_batches(self, images: Sequence[torch.Tensor] | torch.Tensor, transform: Callable) -> Iterator:
+    def _image_batches(self, images: Sequence[torch.Tensor] | torch.Tensor,
+                       transform: Callable) -> Iterator[torch.Tensor]:
         """Transformed batches of ``images`` in order: a split's (``SplitImages``) decoded by ``workers`` loader
         processes when there are any, as training's are (one process decodes 256 px JPEGs at a few hundred a
         second: hours for a bank of millions), else here."""
