@@ -297,7 +297,6 @@ def test_the_gradcache_bench_compares_losses_and_chunks(tmp_path: Path) -> None:
     assert re.search(r"\|\s*infonce:tile=16\s*\|\s*16\s*\|\s*ok\s*\|", result.stdout), result.stdout
 
 
-
 @pytest.mark.slow
 def test_the_host_memory_bench_runs_orch_on_a_csv_of_jpegs(tmp_path: Path) -> None:
     """bench/host_memory.py, small: one training ``orch run`` per --workers value and one kNN evaluation on the JPEGs
