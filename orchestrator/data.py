@@ -14,6 +14,7 @@ import operator
 import os
 import signal
 import tempfile
+import threading
 import zipfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
@@ -85,11 +86,28 @@ def labelled_splits(images: torch.Tensor, labels: Sequence[int], class_names: Se
 
 
 def loader_worker_init(worker_id: int) -> None:
-    """A loader worker lives and dies with its rank: SIGTERM to every process (systemd's default, a Slurm
-    preemption) must not take it from a rank that is saving its checkpoint, and a rank stopped by SIGKILL takes
-    it along at once (torch's own watchdog takes 5 s). Use it for any DataLoader with workers in a rank."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    """A loader worker lives and dies with its rank. Use it for any DataLoader with workers in a rank.
+
+    - It stops on its rank's SIGTERM, as torch's own worker does: that is how torch's shutdown, and multiprocessing
+      at the rank's exit, stop it. (Ignoring that one too left a rank that exits with its loader alive, after a
+      crash say, waiting for the worker forever.)
+    - It outlives anyone else's SIGTERM: systemd's default and a Slurm preemption signal every process, and the
+      rank may be saving its checkpoint. Telling the two apart needs the sender (``sigwaitinfo``, as torch's C
+      handler reads ``si_pid``); without it (macOS) torch's handler stays, and the worker stops on either.
+    - A rank stopped by SIGKILL takes it along at once (torch's own watchdog takes 5 s).
+    """
     die_with_parent(signal.SIGKILL)
+    if hasattr(signal, "sigwaitinfo"):
+        # blocked before any other thread starts (threads inherit it): only the waiting thread takes SIGTERM
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+        threading.Thread(target=_exit_on_sigterm_from, args=(os.getppid(),), daemon=True,
+                         name="orch-sigterm").start()
+
+
+def _exit_on_sigterm_from(parent: int) -> None:
+    while signal.sigwaitinfo({signal.SIGTERM}).si_pid != parent:
+        pass
+    os._exit(0)  # as torch's handler: a non-zero code would make the rank report the worker as failed
 
 
 def cache_dir(name: str) -> Path:

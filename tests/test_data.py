@@ -3,7 +3,6 @@
 import gc
 import os
 import pickle
-import signal
 import subprocess
 import sys
 import time
@@ -191,9 +190,23 @@ def test_a_loader_worker_outlives_sigterm_to_every_process():
     batches = iter(loader)
     got = [int(next(batches))]
     (worker,) = set(psutil.Process().children()) - others
-    worker.send_signal(signal.SIGTERM)
+    subprocess.run(["kill", "-TERM", str(worker.pid)], check=True)  # from a process other than the rank
     got += [int(b) for b in batches]
     assert got == list(range(6))
+
+
+def test_a_rank_that_exits_with_its_loader_alive_takes_the_workers_along():
+    """A rank leaving with its loader still referenced (a crash's traceback holds it; a script's global): Python's
+    exit stops the workers with SIGTERM and waits for them, which hung for ever when they ignored it."""
+    script = (
+        "import torch\n"
+        "from orchestrator.data import loader_worker_init\n"
+        "loader = torch.utils.data.DataLoader(range(8), num_workers=2, worker_init_fn=loader_worker_init,\n"
+        "                                     persistent_workers=True)\n"
+        "print(sum(int(b) for b in loader), flush=True)\n"
+    )
+    rank = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert rank.returncode == 0 and rank.stdout.strip() == "28", rank.stderr
 
 
 def test_a_loader_worker_dies_with_its_rank_at_once():

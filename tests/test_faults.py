@@ -57,9 +57,11 @@ def test_a_failure_on_one_rank_alone_fails_the_run_with_that_ranks_reason(workdi
 
 
 def test_a_crash_is_retried_and_resumes_from_the_checkpoint(workdir: Path, faulty_site) -> None:
+    """With a loader worker: the crashed rank exits with its loader alive (the traceback holds it), and Python's
+    exit must stop the worker rather than wait for it for ever."""
     marker = workdir / "crashed-once"
     result = orch("run", *SMALL, "--loss", f"faulty:mode=crash-once,at_step=12,marker={marker}", "--steps", "16",
-                  "--checkpoint-every", "5", "--quiet", cwd=workdir, env=faulty_site)
+                  "--checkpoint-every", "5", "--workers", "1", "--quiet", cwd=workdir, env=faulty_site, timeout=300)
     assert result.returncode == 0, result.stdout
     assert "injected crash at step 12" in result.stdout and "will be retried" in result.stdout
     store = _store(workdir)
