@@ -245,7 +245,7 @@ class Worker:
                           f"worker (`orch cancel {run['id']}` drops it)")
                 self.registry.notify("run_ended", run=info, status="interrupted", error=reason)
                 return status
-            error = f"attempt {claim.attempt} exited with code {code}: {_crash_reason(log_path)} (see {log_path})"
+            error = f"attempt {claim.attempt} exited with code {code}: {_crash_reason(log_path, code)} (see {log_path})"
             status = self.store.end_attempt(claim, "crashed", error)
             self.echo(f"run {run['id']}: {error}; {'will be retried' if status == 'queued' else 'failed'}")
             self.registry.notify("run_ended", run=info, status="interrupted" if status == "queued" else "failed",
@@ -339,14 +339,40 @@ def _write_json(path: Path, data: Any) -> None:
     tmp.replace(path)
 
 
-_ERROR_LINE = re.compile(r"^(?:\[rank\d+\]:\s*)?((?:[\w.]+\.)?\w*(?:Error|Exception|Interrupt)\b.*)$")
+_ERROR_LINE = re.compile(r"^(?:\[rank(\d+)\]:\s*)?((?:[\w.]+\.)?\w*(?:Error|Exception|Interrupt)\b.*)$")
+# torchrun's summary of a failed attempt: the rank that failed first, and its exit code (negative: a signal)
+_ROOT_CAUSE = re.compile(r"Root Cause \(first observed failure\):.*?rank\s*:\s*(\d+).*?exitcode\s*:\s*(-?\d+)", re.S)
+_OUT_OF_MEMORY_HINT = ("SIGKILL, which orch did not send, is most often the kernel's out-of-memory killer (`dmesg` "
+                       "names it): give the run more host memory, or lower --workers, --prefetch or --batch-size")
 
 
-def _crash_reason(path: Path) -> str:
-    """The last exception line a rank printed (torchrun's own summary says only that a child failed)."""
-    lines = [line.strip() for line in path.read_text(errors="replace").splitlines() if line.strip()]
-    errors = [m.group(1) for line in lines if (m := _ERROR_LINE.match(line)) and "ChildFailedError" not in line]
-    return (errors[-1] if errors else lines[-1] if lines else "no output")[:500]
+def _crash_reason(path: Path, code: int) -> str:
+    """Why an attempt crashed, in one line. A rank killed by a signal says which (the lone rank's exit code, or
+    torchrun's root cause: the other ranks then fail too, with a broken connection that is not the reason); else
+    the last exception line of the rank that failed first, or of any rank (torchrun's own says only that a child
+    failed)."""
+    text = path.read_text(errors="replace")
+    root = _ROOT_CAUSE.search(text)
+    first, killed_by = (int(root.group(1)), -int(root.group(2))) if root else (None, -code)
+    if killed_by > 0:
+        who = "the training process" if first is None else f"rank {first}"
+        return f"{who} was killed by {_signal_name(killed_by)}" + \
+            (f"; {_OUT_OF_MEMORY_HINT}" if killed_by == signal.SIGKILL else "")
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    errors = [(m.group(1), m.group(2)) for line in lines
+              if (m := _ERROR_LINE.match(line)) and "ChildFailedError" not in line]
+    own = [error for rank, error in errors if rank is not None and int(rank) == first]
+    reason = (own or [error for _, error in errors] or lines[-1:] or ["no output"])[-1][:500]
+    if "DataLoader worker" in reason and "killed by signal: Killed" in reason:  # torch's words for a SIGKILL
+        reason += f" ({_OUT_OF_MEMORY_HINT})"
+    return reason
+
+
+def _signal_name(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
 
 
 def _stop(proc: subprocess.Popen, multi_node: bool) -> None:

@@ -56,6 +56,25 @@ def test_a_failure_on_one_rank_alone_fails_the_run_with_that_ranks_reason(workdi
     assert [a["outcome"] for a in store.attempts(1)] == ["failed"]
 
 
+@pytest.mark.parametrize(("fault", "gpus", "says", "out_of_memory"), [
+    ("kill,rank=1", "2", "rank 1 was killed by SIGKILL", True),
+    ("kill", "1", "the training process was killed by SIGKILL", True),
+    ("kill-loader", "1", "DataLoader worker", True),
+    ("crash,rank=1", "2", "RuntimeError: injected crash at step 2", False),
+])
+def test_a_crash_names_the_process_that_failed_first_and_why(workdir: Path, faulty_site, fault: str, gpus: str,
+                                                             says: str, out_of_memory: bool) -> None:
+    """SIGKILL from outside (the kernel's out-of-memory killer) to a rank or a loader worker, or an exception on one
+    rank of two: the run's error names what failed first and, for SIGKILL, the likely cause; not the broken
+    connection the other rank then reports, nor the last line of the log."""
+    result = orch("run", *SMALL, "--loss", f"faulty:mode={fault},at_step=2", "--gpus", gpus, "--workers", "1",
+                  "--steps", "4", "--max-attempts", "1", "--quiet", cwd=workdir, env=faulty_site, timeout=300)
+    assert result.returncode == 1, result.stdout + result.stderr
+    error = _store(workdir).run(1)["error"]
+    assert says in error, error
+    assert ("out-of-memory killer" in error and "--workers" in error) == out_of_memory, error
+
+
 def test_a_crash_is_retried_and_resumes_from_the_checkpoint(workdir: Path, faulty_site) -> None:
     """With a loader worker: the crashed rank exits with its loader alive (the traceback holds it), and Python's
     exit must stop the worker rather than wait for it for ever."""
