@@ -171,3 +171,19 @@ def test_a_corrupt_image_fails_the_run_with_its_name(workdir: Path) -> None:
     assert result.returncode == 2
     run = Store.open(f"sqlite:///{workdir}/experiments.db").run(1)
     assert run["status"] == "failed" and "3.png" in run["error"] and "\n" not in run["error"]
+
+
+@pytest.mark.slow
+def test_a_precision_the_device_lacks_fails_the_run_once_with_what_to_use(workdir: Path) -> None:
+    """fp16 on a CPU worker: DeepSpeed's own ValueError crashed each of the three attempts."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU trains in fp16: the case is a worker without one")
+    result = orch("run", "--precision", "fp16", "--steps", "2", "--quiet", cwd=workdir)
+    assert result.returncode == 2, result.stdout + result.stderr
+    store = Store.open(f"sqlite:///{workdir}/experiments.db")
+    run = store.run(1)
+    assert run["status"] == "failed" and run["error"].startswith("--precision fp16 needs a GPU"), run["error"]
+    assert "\n" not in run["error"] and "--precision auto" in run["error"]
+    assert [a["outcome"] for a in store.attempts(1)] == ["failed"]

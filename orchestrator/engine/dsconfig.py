@@ -32,6 +32,14 @@ SET_BY_ORCH = {
 
 
 def effective_precision(requested: str, device_type: str, bf16_supported: bool) -> str:
+    """The precision a run trains in on this device. One the device lacks is the user's to change, not a crash to
+    retry (DeepSpeed's own error came three times, once per attempt)."""
+    if requested == "fp16" and device_type != "cuda":
+        raise UserError(f"--precision fp16 needs a GPU (DeepSpeed's loss-scaled fp16); this worker trains on the "
+                        f"{device_type.upper()}: use --precision auto, fp32 or bf16")
+    if requested == "bf16" and device_type == "cuda" and not bf16_supported:
+        raise UserError("--precision bf16 needs a GPU with bf16 (Ampere or newer); this worker's has none: use "
+                        "--precision fp16, or auto (fp32 there)")
     if requested != "auto":
         return requested
     return "bf16" if device_type == "cuda" and bf16_supported else "fp32"

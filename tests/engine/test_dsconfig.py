@@ -42,6 +42,17 @@ def test_auto_precision_is_bf16_only_on_a_capable_gpu() -> None:
     assert effective_precision("fp16", "cuda", True) == "fp16"
 
 
+@pytest.mark.parametrize(("requested", "device", "bf16", "says"), [
+    ("fp16", "cpu", False, "--precision fp16 needs a GPU"),
+    ("bf16", "cuda", False, "--precision bf16 needs a GPU with bf16"),
+])
+def test_a_precision_the_device_lacks_is_the_users_to_change(requested: str, device: str, bf16: bool,
+                                                             says: str) -> None:
+    with pytest.raises(UserError, match=says):
+        effective_precision(requested, device, bf16)
+    assert effective_precision("bf16", "cpu", False) == "bf16"  # DeepSpeed's CPU accelerator trains in bf16
+
+
 def test_training_steps_never_wait_for_the_device(one_rank: None, monkeypatch: pytest.MonkeyPatch) -> None:
     """DeepSpeed's throughput timer (on by default) synchronizes the device at every forward and step: the host
     then cannot queue the next kernels while the GPU works. orch turns it off and times its own steps."""
