@@ -226,14 +226,31 @@ def kernel_times(width: int, height: int, repeats: int = 20) -> list[float]:
 
 
 INDEX_CHILD = """
-import sys, time
+import json, os, sys, time
 from plugins.datasets.csv import CSVPairs
 from plugins.datasets.webdataset import WebDataset
-print("ready", flush=True)
-sys.stdin.readline()
-start = time.perf_counter()
-data = {"webdataset": WebDataset, "csv": CSVPairs}[sys.argv[1]](sys.argv[2], image_size=224)
-print(time.perf_counter() - start, len(data.train) + len(data.test), flush=True)
+
+kind = {"webdataset": WebDataset, "csv": CSVPairs}[sys.argv[1]]
+for request in sys.stdin:  # one build: a line of [rank, world size, ranks per machine, cache folder] per process
+    go_read, go_write = os.pipe()
+    children = []
+    for rank, world, local, cache in json.loads(request):
+        out_read, out_write = os.pipe()
+        if os.fork() == 0:
+            os.environ.update(ORCH_CACHE_DIR=cache, RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=local)
+            os.read(go_read, 1)  # every rank forked: they start together
+            start = time.perf_counter()
+            data = kind(sys.argv[2], image_size=224)
+            os.write(out_write, f"{time.perf_counter() - start} {len(data.train) + len(data.test)}".encode())
+            os._exit(0)
+        os.close(out_write)
+        children.append(out_read)
+    os.write(go_write, b"x" * len(children))
+    results = [os.read(out, 256).decode().split() for out in children]
+    codes = [os.waitstatus_to_exitcode(os.wait()[1]) for _ in children]
+    print(json.dumps({"results": results, "codes": codes}), flush=True)
+    for fd in (go_read, go_write, *children):
+        os.close(fd)
 """
 
 
@@ -270,40 +287,44 @@ def write_image_files(folder: Path, samples: int) -> Path:
 
 def start_up_times(fmt: str, source: str, samples: int, caches: Path) -> dict[str, float]:
     """Seconds to build the ``fmt`` dataset plugin over ``source`` (what every rank does at the start of every
-    attempt; webdataset indexes every shard, csv checks every image), each build in a fresh interpreter (the
-    import not counted): one process with an empty cache (what every rank paid on every attempt before the cache)
-    and with a full one; two ranks started together on an empty cache, as if both were rank 0 (each does all the
-    work) and as ranks 0 and 1 of 2 (each starts at its own half and takes what the other has cached); and four
-    ranks as two machines of two with a cache folder each (every machine does the whole list), the ranks told
-    which machine they are on (``LOCAL_WORLD_SIZE``, as torchrun and DeepSpeed's launcher tell them) or not."""
+    attempt; webdataset indexes every shard, csv checks every image): one process with an empty cache (what every
+    rank paid on every attempt before the cache) and with a full one; two ranks started together on an empty cache,
+    as if both were rank 0 (each does all the work) and as ranks 0 and 1 of 2 (each starts at its own half and takes
+    what the other has cached); and four ranks as two machines of two with a cache folder each (every machine does
+    the whole list), the ranks told which machine they are on (``LOCAL_WORLD_SIZE``, as torchrun and DeepSpeed's
+    launcher tell them) or not. Each process of a build is a fork of one interpreter that has imported the plugins
+    and done nothing else: a fresh interpreter after its imports, without importing torch for every one."""
+    import json
     import subprocess
+
+    template = subprocess.Popen([sys.executable, "-c", INDEX_CHILD, fmt, source], text=True, cwd=_BENCH.parent,
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE)
 
     def build(ranks: list[tuple[int, int, str, Path]]) -> float:
         """``ranks``: (rank, world size, ranks per machine or "" when not told, cache folder) of each process."""
-        children = [subprocess.Popen([sys.executable, "-c", INDEX_CHILD, fmt, source], text=True, cwd=_BENCH.parent,
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     env={**os.environ, "ORCH_CACHE_DIR": str(cache), "RANK": str(rank),
-                                          "WORLD_SIZE": str(world), "LOCAL_WORLD_SIZE": local})
-                    for rank, world, local, cache in ranks]
-        for child in children:  # every child has imported: the ranks start together
-            child.stdout.readline()
-        for child in children:
-            child.stdin.write("go\n")
-            child.stdin.flush()
-        outputs = [child.communicate()[0].split() for child in children]
-        if any(child.returncode for child in children) or any(int(n) != samples for _, n in outputs):
-            raise SystemExit(f"{fmt} start-up failed: {outputs}")
+        template.stdin.write(json.dumps([[r, w, local, str(cache)] for r, w, local, cache in ranks]) + "\n")
+        template.stdin.flush()
+        reply = template.stdout.readline()
+        outputs = json.loads(reply)["results"] if reply else []
+        if not reply or any(json.loads(reply)["codes"]) or any(int(n) != samples for _, n in outputs):
+            raise SystemExit(f"{fmt} start-up failed: {reply or 'no reply'}")
         return max(float(seconds) for seconds, _ in outputs)
 
     def machines(told: str, name: str) -> list[tuple[int, int, str, Path]]:
         return [(rank, 4, told, caches / f"{name}-{rank // 2}") for rank in range(4)]
 
-    return {"one process, empty cache": build([(0, 1, "", caches / "1")]),
-            "one process, cached": build([(0, 1, "", caches / "1")]),
-            "2 ranks, empty cache, both from the start": build([(0, 1, "", caches / "2"), (0, 1, "", caches / "2")]),
-            "2 ranks, empty cache, rank 1 from the middle": build([(0, 2, "", caches / "3"), (1, 2, "", caches / "3")]),
-            "2 machines of 2 ranks, a cache each, not told their machine": build(machines("", "4")),
-            "2 machines of 2 ranks, a cache each, told": build(machines("2", "5"))}
+    try:
+        return {"one process, empty cache": build([(0, 1, "", caches / "1")]),
+                "one process, cached": build([(0, 1, "", caches / "1")]),
+                "2 ranks, empty cache, both from the start": build([(0, 1, "", caches / "2"),
+                                                                     (0, 1, "", caches / "2")]),
+                "2 ranks, empty cache, rank 1 from the middle": build([(0, 2, "", caches / "3"),
+                                                                        (1, 2, "", caches / "3")]),
+                "2 machines of 2 ranks, a cache each, not told their machine": build(machines("", "4")),
+                "2 machines of 2 ranks, a cache each, told": build(machines("2", "5"))}
+    finally:
+        template.stdin.close()
+        template.wait()
 
 
 MEMORY_CHILD = """
