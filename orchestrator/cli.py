@@ -169,8 +169,8 @@ def worker(ctx: click.Context, once: bool, forever: bool, lease: float, poll: fl
     if w.stop_signal is not None:
         click.echo(f"worker {w.id}: executed {done} run(s); stopped by {signal.Signals(w.stop_signal).name}")
         sys.exit(128 + w.stop_signal)
-    click.echo(f"worker {w.id}: executed {done} run(s); the queue is empty" if not once else
-               f"worker {w.id}: executed {done} run(s)")
+    left = f"; left {len(w.left)} run(s) it cannot run ({', '.join(map(str, sorted(w.left)))})" if w.left else ""
+    click.echo(f"worker {w.id}: executed {done} run(s){left}" + ("" if once else "; the queue is empty"))
 
 
 @cli.command()

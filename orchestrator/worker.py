@@ -40,6 +40,7 @@ from orchestrator.launch import (
 )
 from orchestrator.registry import Registry
 from orchestrator.runinfo import RunInfo
+from orchestrator.spec import SLOTS
 from orchestrator.store import STORE_ENV, Claim, Fenced, Store
 
 RUNS_DIR_ENV = "ORCH_RUNS_DIR"
@@ -74,6 +75,7 @@ class Worker:
         self.id = worker_id()
         self.stop_signal: int | None = None  # set by stop_on_signals: hand the run back to the queue, then stop
         self.signalled = threading.Event()  # the same, to wake the waits below at once
+        self.left: set[int] = set()  # runs this worker cannot run (a plugin, GPUs): left for the others
 
     def stop_on_signals(self) -> None:
         """SIGTERM (a scheduler's preemption, `docker stop`) and SIGINT (Ctrl-C) stop this worker once the run it
@@ -93,17 +95,40 @@ class Worker:
         done = 0
         while self.stop_signal is None:
             self.reap()
-            claim = self.store.claim(self.id, self.lease)
+            claim = self.store.claim(self.id, self.lease, skip=self.left)
             if claim is None:
                 if not forever:
                     return done
                 self.signalled.wait(poll_seconds)
+                continue
+            if (why := self.cannot_run(self.store.run(claim.run_id)["spec"])) is not None:
+                self.store.end_attempt(claim, "interrupted", f"{why}; left in the queue for a worker that can")
+                self.left.add(claim.run_id)
+                self.echo(f"run {claim.run_id}: {why}; left in the queue for a worker that can run it")
                 continue
             self.execute(claim)
             done += 1
             if once:
                 return done
         return done
+
+    def cannot_run(self, spec: dict[str, Any]) -> str | None:
+        """Why this worker cannot run ``spec``, or None: a plugin it lacks, or GPUs it does not have. Workers that
+        share a store need not be alike; a run one of them cannot run waits for another (not failed by the wrong
+        one, as it was when the ranks found out)."""
+        for slot, kind in SLOTS.items():
+            entries = spec.get(slot) or []
+            for entry in entries if isinstance(entries, list) else [entries]:
+                if entry["name"] not in self.registry.components[kind]:
+                    plugin = entry.get("plugin") or {}  # the package that provided it where the run was queued
+                    source = f" (queued from {plugin['distribution']} {plugin.get('version', '')})".replace(" )", ")")
+                    return f"worker {self.id} has no {kind} {entry['name']!r}" + (source if plugin else "")
+        trainer = spec["trainer"]
+        try:
+            plan(trainer["gpus"], trainer["batch_size"], trainer["accum"], self.devices, self.hosts)
+        except UserError as exc:
+            return f"worker {self.id} cannot run it: {exc}"
+        return None
 
     def reap(self) -> None:
         """Runs whose worker died go back to the queue (and resume from their last valid checkpoint)."""

@@ -86,6 +86,35 @@ def test_two_workers_never_run_the_same_run(workdir: Path, backend: str, request
     assert sorted(executed) == [r["id"] for r in reversed(runs)]
 
 
+def test_a_worker_leaves_a_run_it_cannot_run_to_one_that_can(workdir: Path, faulty_site: dict[str, str]) -> None:
+    """Workers sharing a store need not be alike: a run that needs a plugin one lacks (or GPUs) waits for another,
+    and no failure is counted. The first worker to claim it used to fail it."""
+    import torch
+
+    queue = [[*SMALL, "--loss", "faulty"], [*SMALL, "--seed", "1"]]
+    if not torch.cuda.is_available():  # a run for a GPU worker, queued where there is none
+        queue.append([*SMALL, "--gpus", "all"])
+    for args in queue:
+        assert orch("queue", *args, "--steps", "2", "--eval", "zs", cwd=workdir, env=faulty_site).returncode == 0
+    store = Store.open(f"sqlite:///{workdir}/experiments.db")
+    plain = orch("worker", "--quiet", cwd=workdir)  # no faulty plugin here
+    assert plain.returncode == 0, plain.stdout + plain.stderr
+    assert [store.run(i)["status"] for i in (1, 2)] == ["queued", "finished"]
+    assert store.run(1)["error"].startswith(
+        "worker ") and "has no loss 'faulty' (queued from orch-faulty-plugin 0.0.1)" in store.run(1)["error"]
+    assert [a["outcome"] for a in store.attempts(1)] == ["interrupted"] and store.run(1)["failures"] == 0
+    left = [1, 3] if len(queue) == 3 else [1]
+    assert f"left {len(left)} run(s) it cannot run ({', '.join(map(str, left))})" in plain.stdout, plain.stdout
+
+    able = orch("worker", "--quiet", cwd=workdir, env=faulty_site)
+    assert able.returncode == 0, able.stdout + able.stderr
+    assert store.run(1)["status"] == "finished"
+    assert [a["outcome"] for a in store.attempts(1)] == ["interrupted", "finished"]
+    if len(queue) == 3:
+        assert store.run(3)["status"] == "queued" and "--gpus all" in store.run(3)["error"]
+        assert [a["outcome"] for a in store.attempts(3)] == ["interrupted", "interrupted"]
+
+
 def test_two_process_gloo_run_end_to_end(workdir: Path) -> None:
     result = orch("run", *SMALL, "--gpus", "2", "--steps", "6", "--checkpoint-every", "3", "--quiet", cwd=workdir)
     assert result.returncode == 0, result.stdout + result.stderr

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
@@ -136,11 +136,15 @@ class Store:
                 ).returning(Run.c.id)).scalar_one())
         return ids
 
-    def claim(self, worker: str, lease_seconds: float, run_id: int | None = None) -> Claim | None:
-        """Take the next queued run (highest priority, then oldest), or the given one if it is queued."""
+    def claim(self, worker: str, lease_seconds: float, run_id: int | None = None,
+              skip: Collection[int] = ()) -> Claim | None:
+        """Take the next queued run (highest priority, then oldest) but those in ``skip``, or the given one if it is
+        queued."""
         now = utcnow()
         queued = Run.alias()  # an alias, so the subquery is not correlated with the UPDATE's table
         wanted = [queued.c.id == run_id] if run_id is not None else []
+        if skip:
+            wanted.append(queued.c.id.not_in(sorted(skip)))
         next_run = (select(queued.c.id).where(queued.c.status == "queued", *wanted)
                     .order_by(queued.c.priority.desc(), queued.c.id).limit(1)
                     .with_for_update(skip_locked=True).scalar_subquery())

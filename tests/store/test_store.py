@@ -50,6 +50,14 @@ def test_claim_order_priority_then_age(store_url: str) -> None:
     assert store.claim("w", 60) is None
 
 
+def test_a_claim_passes_over_the_runs_a_worker_left(store_url: str) -> None:
+    store = Store.open(store_url)
+    first, second, third = store.add_runs([_spec(1), _spec(2), _spec(3)])
+    assert store.claim("w", 60, skip={first, second}).run_id == third
+    assert store.claim("w", 60, skip={first, second}) is None
+    assert store.claim("w", 60, skip={second}).run_id == first
+
+
 def test_expired_lease_requeues_and_fences_the_old_attempt(store_url: str) -> None:
     store = Store.open(store_url)
     run_id = store.add_runs([_spec(1)])[0]
