@@ -116,7 +116,8 @@ def test_worker_gpus_all_without_a_gpu_is_one_line(workdir: Path) -> None:
         assert "Traceback" not in result.stderr
 
 
-def test_a_run_needing_more_than_the_worker_has_fails_in_one_line_without_launching(workdir: Path) -> None:
+def test_a_run_needing_more_than_the_worker_has_waits_for_another_without_launching(workdir: Path) -> None:
+    """Another worker of the store may have the GPUs: the run stays queued, with the reason (it used to fail)."""
     from orchestrator.store import Store
 
     if 0 < launch.visible_gpus() < 2:
@@ -124,9 +125,10 @@ def test_a_run_needing_more_than_the_worker_has_fails_in_one_line_without_launch
     assert orch("queue", "--gpus", "4", "--batch-size", "64", cwd=workdir).returncode == 0
     result = orch("worker", "--gpus", "2", cwd=workdir)
     assert result.returncode == 0, result.stderr
-    assert "run 1 failed: the run asks for --gpus 4 but this worker has 2" in result.stdout
+    assert "run 1: worker " in result.stdout and "the run asks for --gpus 4 but this worker has 2" in result.stdout
+    assert "left 1 run(s) it cannot run (1)" in result.stdout
     run = Store.open(f"sqlite:///{workdir}/experiments.db").run(1)
-    assert run["status"] == "failed" and "--gpus 4" in run["error"]
+    assert run["status"] == "queued" and "--gpus 4" in run["error"] and run["failures"] == 0
     assert not (workdir / "runs" / "1" / "attempt-1.log").exists()  # no process was started
 
 
