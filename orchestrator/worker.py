@@ -102,9 +102,10 @@ class Worker:
                 self.signalled.wait(poll_seconds)
                 continue
             if (why := self.cannot_run(self.store.run(claim.run_id)["spec"])) is not None:
-                self.store.end_attempt(claim, "interrupted", f"{why}; left in the queue for a worker that can")
+                why += "; left in the queue for a worker that can run it"
+                self.store.end_attempt(claim, "interrupted", why)
                 self.left.add(claim.run_id)
-                self.echo(f"run {claim.run_id}: {why}; left in the queue for a worker that can run it")
+                self.echo(f"run {claim.run_id}: {why}")
                 continue
             self.execute(claim)
             done += 1
@@ -121,8 +122,9 @@ class Worker:
             for entry in entries if isinstance(entries, list) else [entries]:
                 if entry["name"] not in self.registry.components[kind]:
                     plugin = entry.get("plugin") or {}  # the package that provided it where the run was queued
-                    source = f" (queued from {plugin['distribution']} {plugin.get('version', '')})".replace(" )", ")")
-                    return f"worker {self.id} has no {kind} {entry['name']!r}" + (source if plugin else "")
+                    source = " ".join(str(plugin[key]) for key in ("distribution", "version") if plugin.get(key))
+                    return f"worker {self.id} has no {kind} {entry['name']!r}" + \
+                        (f" (queued from {source})" if source else "")
         trainer = spec["trainer"]
         try:
             plan(trainer["gpus"], trainer["batch_size"], trainer["accum"], self.devices, self.hosts)
