@@ -100,8 +100,8 @@ def test_a_worker_leaves_a_run_it_cannot_run_to_one_that_can(workdir: Path, faul
     plain = orch("worker", "--quiet", cwd=workdir)  # no faulty plugin here
     assert plain.returncode == 0, plain.stdout + plain.stderr
     assert [store.run(i)["status"] for i in (1, 2)] == ["queued", "finished"]
-    assert store.run(1)["error"].startswith(
-        "worker ") and "has no loss 'faulty' (queued from orch-faulty-plugin 0.0.1)" in store.run(1)["error"]
+    error = store.run(1)["error"]
+    assert error.startswith("worker ") and "has no loss 'faulty' (queued from orch-faulty-plugin 0.0.1)" in error
     assert [a["outcome"] for a in store.attempts(1)] == ["interrupted"] and store.run(1)["failures"] == 0
     left = [1, 3] if len(queue) == 3 else [1]
     assert f"left {len(left)} run(s) it cannot run ({', '.join(map(str, left))})" in plain.stdout, plain.stdout
