@@ -226,7 +226,7 @@ def kernel_times(width: int, height: int, repeats: int = 20) -> list[float]:
 
 
 INDEX_CHILD = """
-import json, os, sys, time
+import json, os, sys, time, traceback
 from plugins.datasets.csv import CSVPairs
 from plugins.datasets.webdataset import WebDataset
 
@@ -236,12 +236,16 @@ for request in sys.stdin:  # one build: a line of [rank, world size, ranks per m
     children = []
     for rank, world, local, cache in json.loads(request):
         out_read, out_write = os.pipe()
-        if os.fork() == 0:
-            os.environ.update(ORCH_CACHE_DIR=cache, RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=local)
-            os.read(go_read, 1)  # every rank forked: they start together
-            start = time.perf_counter()
-            data = kind(sys.argv[2], image_size=224)
-            os.write(out_write, f"{time.perf_counter() - start} {len(data.train) + len(data.test)}".encode())
+        if os.fork() == 0:  # a rank: it must never return into this loop, whatever its build raises
+            try:
+                os.environ.update(ORCH_CACHE_DIR=cache, RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=local)
+                os.read(go_read, 1)  # every rank forked: they start together
+                start = time.perf_counter()
+                data = kind(sys.argv[2], image_size=224)
+                os.write(out_write, f"{time.perf_counter() - start} {len(data.train) + len(data.test)}".encode())
+            except BaseException:
+                traceback.print_exc()
+                os._exit(1)
             os._exit(0)
         os.close(out_write)
         children.append(out_read)
