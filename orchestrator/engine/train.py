@@ -57,6 +57,7 @@ from orchestrator.engine.dsconfig import (
 from orchestrator.engine.evaluation import EvalContext, EvalInterrupted, SplitImages
 from orchestrator.engine.gradcache import engine_cached_step
 from orchestrator.engine.scale import prepare, run_after_step
+from orchestrator.engine.software import check_ranks_agree, fingerprint
 from orchestrator.errors import UserError
 from orchestrator.launch import CHECKPOINT_ON_SIGTERM, die_with_parent
 from orchestrator.registry import Registry
@@ -147,13 +148,18 @@ def train(spec: dict[str, Any], registry: Registry, run: RunInfo, store: Store |
     device = _device()
     precision = effective_precision(trainer["precision"], device.type,
                                     device.type == "cuda" and torch.cuda.is_bf16_supported())
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:  # before anything is built: every rank must build the same thing
+        import deepspeed
+
+        deepspeed.init_distributed()
+        check_ranks_agree(fingerprint(registry, spec))
     random.seed(trainer["seed"])
     np.random.seed(trainer["seed"])
     comp = build(registry, spec)
     model = comp.model
     prepare(model, trainer, spec)  # activation checkpointing, torch.compile
 
-    world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and device.type == "cuda":  # batch norm over the global batch, as SimCLR (torch: CUDA only)
         torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     checkpoints = run.run_dir / "checkpoints"
