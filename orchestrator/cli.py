@@ -105,6 +105,10 @@ _checkpoint_on_stop = click.option(
     "--checkpoint-on-stop", default=20.0, type=click.FloatRange(min=0), show_default=True, metavar="SECONDS",
     help="told to stop (SIGTERM, Ctrl-C), give the run this long to save a checkpoint (within two steps) before "
          "its processes are stopped; 0 stops them at once")
+_stall_timeout = click.option(
+    "--stall-timeout", default=0.0, type=click.FloatRange(min=0), show_default=True, metavar="SECONDS",
+    help="stop an attempt that shows no progress (no step, no evaluation batch) for this long, with each rank's "
+         "Python stack in its log, and retry it; longer than the slowest start-up or checkpoint save; 0: never")
 
 
 @cli.command()
@@ -112,14 +116,16 @@ _checkpoint_on_stop = click.option(
 @click.option("--quiet", is_flag=True, help="no progress bar")
 @click.option("--lease", default=60.0, type=click.FloatRange(min=2), show_default=True, help="lease in seconds")
 @_checkpoint_on_stop
+@_stall_timeout
 @click.pass_context
-def run(ctx: click.Context, quiet: bool, lease: float, checkpoint_on_stop: float, **kwargs: Any) -> None:
+def run(ctx: click.Context, quiet: bool, lease: float, checkpoint_on_stop: float, stall_timeout: float,
+        **kwargs: Any) -> None:
     """Queue runs and execute them now, in the foreground."""
     from orchestrator.worker import Worker, runs_dir
 
     ids = _queue(ctx, kwargs)
     worker = Worker(_store(ctx), runs_dir(ctx.obj["runs_dir"]), lease_seconds=lease, quiet=quiet, echo=click.echo,
-                    checkpoint_on_stop=checkpoint_on_stop)
+                    checkpoint_on_stop=checkpoint_on_stop, stall_timeout=stall_timeout)
     worker.stop_on_signals()
     for run_id in ids:
         while worker.stop_signal is None and (claim := worker.store.claim(worker.id, lease, run_id=run_id)):
@@ -154,16 +160,17 @@ def run(ctx: click.Context, quiet: bool, lease: float, checkpoint_on_stop: float
               help="with --hostfile: the address the other hosts reach this machine at (default: DeepSpeed asks "
                    "the first host for `hostname -I`)")
 @_checkpoint_on_stop
+@_stall_timeout
 @click.pass_context
 def worker(ctx: click.Context, once: bool, forever: bool, lease: float, poll: float, quiet: bool, gpus: str | None,
-           hostfile: Path | None, master_addr: str | None, checkpoint_on_stop: float) -> None:
+           hostfile: Path | None, master_addr: str | None, checkpoint_on_stop: float, stall_timeout: float) -> None:
     """Claim queued runs and execute them (resuming runs whose worker died)."""
     from orchestrator.launch import parse_gpus
     from orchestrator.worker import Worker, runs_dir
 
     w = Worker(_store(ctx), runs_dir(ctx.obj["runs_dir"]), lease_seconds=lease, quiet=quiet, echo=click.echo,
                gpus=parse_gpus(gpus) if gpus is not None else None, hostfile=hostfile, master_addr=master_addr,
-               checkpoint_on_stop=checkpoint_on_stop)
+               checkpoint_on_stop=checkpoint_on_stop, stall_timeout=stall_timeout)
     w.stop_on_signals()
     done = w.loop(once=once, forever=forever, poll_seconds=poll)
     if w.stop_signal is not None:

@@ -26,6 +26,7 @@ from orchestrator.errors import UserError
 ALL = "all"
 # set for ranks on one machine: SIGTERM to a rank asks for a checkpoint within two steps (engine/train.py)
 CHECKPOINT_ON_SIGTERM = "ORCH_CHECKPOINT_ON_SIGTERM"
+STALL_TIMEOUT = "ORCH_STALL_TIMEOUT"  # the worker's --stall-timeout, in seconds, for the ranks
 Gpus = int | Literal["all"]
 _HOST_LINE = re.compile(r"^(\S+)\s+slots=(\d+)\s*$")
 

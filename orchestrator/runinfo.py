@@ -40,6 +40,12 @@ class RunInfo:
         return self.run_dir / f"attempt-{self.attempt}.stop"
 
     @property
+    def alive_path(self) -> Path:
+        """Touched by rank 0 at each step and evaluation batch: the sign of life the worker's --stall-timeout
+        watches."""
+        return self.run_dir / f"attempt-{self.attempt}.alive"
+
+    @property
     def result_path(self) -> Path:
         """Rank 0's last word to the worker on how the attempt ended: finished, stopped at a step, or failed and why."""
         return self.run_dir / f"attempt-{self.attempt}.result.json"

@@ -29,6 +29,7 @@ from orchestrator.engine.checkpoint import verify
 from orchestrator.errors import UserError
 from orchestrator.launch import (
     CHECKPOINT_ON_SIGTERM,
+    STALL_TIMEOUT,
     Gpus,
     command,
     die_with_parent,
@@ -61,9 +62,10 @@ def worker_id() -> str:
 class Worker:
     def __init__(self, store: Store, root: Path, lease_seconds: float = 60.0, quiet: bool = False,
                  echo: Callable[[str], None] = print, gpus: Gpus | None = None, hostfile: Path | None = None,
-                 master_addr: str | None = None, checkpoint_on_stop: float = 20.0) -> None:
+                 master_addr: str | None = None, checkpoint_on_stop: float = 20.0, stall_timeout: float = 0.0) -> None:
         self.store, self.root, self.lease, self.quiet, self.echo = store, root, lease_seconds, quiet, echo
         self.checkpoint_on_stop = checkpoint_on_stop  # seconds the ranks get to save before a stop stops them
+        self.stall_timeout = stall_timeout  # seconds without a sign of life before an attempt is stopped; 0: never
         self.devices = worker_devices(gpus)  # checked before claiming anything: a wrong --gpus is one line
         self.hostfile = hostfile.absolute() if hostfile else None
         self.hosts = read_hostfile(self.hostfile) if self.hostfile else None
@@ -165,6 +167,8 @@ class Worker:
             train_args += ["--resume-tag", Path(checkpoint["path"]).name]
         env = {**os.environ, **environment(launch), "PYTHONUNBUFFERED": "1",
                STORE_ENV: self.store.url}  # not argv: ps shows argv
+        if self.stall_timeout > 0:
+            env[STALL_TIMEOUT] = str(self.stall_timeout)
         if self.checkpoint_on_stop > 0 and not launch.multi_node:  # across hosts, the runner relays SIGTERM to
             env[CHECKPOINT_ON_SIGTERM] = "1"  # stop the ranks (_stop): there it must stay a hard stop
         # this worker's death takes the launcher down; DeepSpeed's runner needs SIGTERM to relay it to its hosts
@@ -177,8 +181,8 @@ class Worker:
             proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=exports.env,
                                     preexec_fn=partial(die_with_parent, parent_death), cwd=os.getcwd(),
                                     start_new_session=True)
-            held = self._follow(proc, claim, run, info.stop_request_path, launch.multi_node)
-        return self._finish(proc.returncode, held, claim, run, info, log_path)
+            ending = self._follow(proc, claim, run, info, launch.multi_node)
+        return self._finish(proc.returncode, ending, claim, run, info, log_path)
 
     def _usable_checkpoint(self, claim: Claim) -> dict[str, Any] | None:
         """The latest valid checkpoint whose files are whole; damaged ones are invalidated, with a word."""
@@ -191,12 +195,14 @@ class Worker:
                       f"falling back to the previous one")
         return None
 
-    def _follow(self, proc: subprocess.Popen, claim: Claim, run: dict[str, Any], stop_request: Path,
-                multi_node: bool) -> bool:
-        """Heartbeat while the ranks train; stop them if the run is cancelled or the lease is lost. Told to stop,
-        ask them to checkpoint (within two steps) and exit; stop them if they take too long."""
+    def _follow(self, proc: subprocess.Popen, claim: Claim, run: dict[str, Any], info: RunInfo,
+                multi_node: bool) -> str:
+        """Heartbeat while the ranks train; stop them if the run is cancelled or the lease is lost ("lost"), or
+        if they give no sign of life for ``stall_timeout`` ("stalled"). Told to stop, ask them to checkpoint
+        (within two steps) and exit; stop them if they take too long. "ended" when they exited by themselves."""
         beat = max(1.0, self.lease / 4)
         last_beat = time.monotonic()
+        silent_for = _Silence(info.alive_path)
         asked_at = None
         with _ProgressBar(run["spec"]["trainer"]["steps"], enabled=not self.quiet) as bar:
             while proc.poll() is None:
@@ -209,25 +215,30 @@ class Worker:
                     if asked_at is None:
                         asked_at = time.monotonic()
                         if self.checkpoint_on_stop > 0:
-                            stop_request.touch()
+                            info.stop_request_path.touch()
                             self.echo(f"run {run['id']}: saving a checkpoint before stopping (up to "
                                       f"{self.checkpoint_on_stop:g} s; signal again to stop at once)")
                     if time.monotonic() - asked_at >= self.checkpoint_on_stop:
                         _stop(proc, multi_node)
                         break
+                if self.stall_timeout and silent_for() > _stall_deadline(self.stall_timeout):
+                    self.echo(f"run {run['id']}: no sign of progress for {self.stall_timeout:g} s (--stall-timeout); "
+                              f"stopping it")
+                    _stop(proc, multi_node)
+                    return "stalled"
                 try:
                     if time.monotonic() - last_beat >= beat:
                         last_beat = time.monotonic()
                         if not self.store.heartbeat(claim, self.lease):
                             _stop(proc, multi_node)
-                            return False
+                            return "lost"
                     if bar.enabled:
                         bar.update(self.store.progress(run["id"]))
                 except DBAPIError as exc:  # the store is briefly unreachable: the lease covers a few beats
                     self.echo(f"run {run['id']}: store unreachable ({type(exc.orig).__name__}); retrying")
-        return True
+        return "ended"
 
-    def _finish(self, code: int, held: bool, claim: Claim, run: dict[str, Any], info: RunInfo, log_path: Path) -> str:
+    def _finish(self, code: int, ending: str, claim: Claim, run: dict[str, Any], info: RunInfo, log_path: Path) -> str:
         result = info.result_path  # written whole or not at all
         outcome = json.loads(result.read_text()) if result.exists() else {}
         failures = info.rank_failures()
@@ -257,7 +268,7 @@ class Worker:
                 self.echo(f"run {run['id']} cancelled")
                 self.registry.notify("run_ended", run=info, status="cancelled", error="cancelled by the user")
                 return status
-            if not held:  # the heartbeat was refused and nobody cancelled the run: the lease was lost
+            if ending == "lost":  # the heartbeat was refused and nobody cancelled the run: the lease was lost
                 raise Fenced(f"run {run['id']} attempt {claim.attempt} lost its lease")
             # told to stop, or the ranks got SIGTERM themselves and saved: back to the queue, no failure counted
             if self.stop_signal is not None or "stopped" in outcome:
@@ -272,7 +283,13 @@ class Worker:
                           f"worker (`orch cancel {run['id']}` drops it)")
                 self.registry.notify("run_ended", run=info, status="interrupted", error=reason)
                 return status
-            error = f"attempt {claim.attempt} exited with code {code}: {_crash_reason(log_path, code)} (see {log_path})"
+            if ending == "stalled":
+                error = (f"attempt {claim.attempt} gave no sign of progress for {self.stall_timeout:g} s "
+                         f"(--stall-timeout) and was stopped; where each rank hung: the Python stacks after "
+                         f"'Timeout' in {log_path}")
+            else:
+                error = (f"attempt {claim.attempt} exited with code {code}: {_crash_reason(log_path, code)} "
+                         f"(see {log_path})")
             status = self.store.end_attempt(claim, "crashed", error)
             self.echo(f"run {run['id']}: {error}; {'will be retried' if status == 'queued' else 'failed'}")
             self.registry.notify("run_ended", run=info, status="interrupted" if status == "queued" else "failed",
@@ -400,6 +417,27 @@ def _signal_name(signum: int) -> str:
         return signal.Signals(signum).name
     except ValueError:
         return f"signal {signum}"
+
+
+class _Silence:
+    """Seconds since the ranks' last sign of life (``SignOfLife`` touches ``path``), or since the launch before the
+    first, timed by this worker's clock when it sees the file change: a shared file system stamps the file with its
+    server's clock, which may be minutes off."""
+
+    def __init__(self, path: Path) -> None:
+        self.path, self.seen, self.since = path, 0, time.monotonic()
+
+    def __call__(self) -> float:
+        with contextlib.suppress(FileNotFoundError):
+            if (stamp := self.path.stat().st_mtime_ns) != self.seen:
+                self.seen, self.since = stamp, time.monotonic()
+        return time.monotonic() - self.since
+
+
+def _stall_deadline(timeout: float) -> float:
+    """When the worker stops a silent attempt: after its ranks' own ``timeout`` (each then writes its stacks to the
+    log) and a margin for ranks whose last sign came a step after rank 0's."""
+    return timeout + max(5.0, timeout / 10)
 
 
 def _stop(proc: subprocess.Popen, multi_node: bool) -> None:

@@ -5,6 +5,7 @@ server)."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import time
@@ -87,6 +88,26 @@ def test_a_crash_is_retried_and_resumes_from_the_checkpoint(workdir: Path, fault
     assert [a["outcome"] for a in store.attempts(1)] == ["crashed", "finished"]
     assert "resuming from step 10" in (workdir / "runs" / "1" / "attempt-2.log").read_text() or \
         "resuming from step 10" in result.stdout
+
+
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_a_hung_attempt_is_stopped_with_its_stacks_and_resumed(workdir: Path, faulty_site, ranks: int) -> None:
+    """--stall-timeout: a rank that hangs for ever, as a read from a stalled network file system does, is stopped
+    once no sign of progress came for the timeout; every rank wrote its Python stack to the log first (of 2 ranks,
+    rank 1 hangs in the loss and rank 0 waits for it), and the next attempt resumes from the checkpoint."""
+    marker = workdir / "hung-once"
+    result = orch("run", *SMALL, "--loss", f"faulty:mode=hang-once,at_step=7,marker={marker},rank={ranks - 1}",
+                  "--steps", "10", "--checkpoint-every", "5", "--gpus", str(ranks), "--stall-timeout", "20", "--quiet",
+                  cwd=workdir, env=faulty_site, timeout=300)
+    assert result.returncode == 0, result.stdout
+    assert "no sign of progress for 20 s (--stall-timeout); stopping it" in result.stdout
+    attempts = _store(workdir).attempts(1)
+    assert [a["outcome"] for a in attempts] == ["crashed", "finished"]
+    assert "gave no sign of progress for 20 s (--stall-timeout)" in attempts[0]["error"]
+    log = (workdir / "runs" / "1" / "attempt-1.log").read_text()
+    assert log.count("Timeout (0:00:20)!") >= ranks, log[-3000:]  # more when a start-up phase was that slow
+    assert re.search(r'orch_faulty_plugin/loss\.py", line \d+ in forward', log), log[-3000:]
+    assert "resuming from step 5" in result.stdout
 
 
 def test_a_rank_that_dies_at_exit_after_the_run_finished_does_not_rerun_it(workdir: Path, faulty_site) -> None:

@@ -17,6 +17,7 @@ import argparse
 import collections
 import contextlib
 import dataclasses
+import faulthandler
 import json
 import os
 import queue
@@ -59,7 +60,7 @@ from orchestrator.engine.gradcache import engine_cached_step
 from orchestrator.engine.scale import prepare, run_after_step
 from orchestrator.engine.software import check_ranks_agree, fingerprint
 from orchestrator.errors import UserError
-from orchestrator.launch import CHECKPOINT_ON_SIGTERM, die_with_parent
+from orchestrator.launch import CHECKPOINT_ON_SIGTERM, STALL_TIMEOUT, die_with_parent
 from orchestrator.registry import Registry
 from orchestrator.runinfo import RunInfo
 from orchestrator.store import Claim, Fenced, Store
@@ -145,6 +146,8 @@ def _write_whole(path: Path, outcome: dict[str, Any]) -> None:
 def train(spec: dict[str, Any], registry: Registry, run: RunInfo, store: Store | None, claim: Claim,
           resume_tag: str | None) -> None:
     trainer = spec["trainer"]
+    alive = SignOfLife(run.alive_path if int(os.environ.get("RANK", "0")) == 0 else None,
+                       float(os.environ.get(STALL_TIMEOUT, "0")))
     device = _device()
     precision = effective_precision(trainer["precision"], device.type,
                                     device.type == "cuda" and torch.cuda.is_bf16_supported())
@@ -157,6 +160,7 @@ def train(spec: dict[str, Any], registry: Registry, run: RunInfo, store: Store |
     random.seed(trainer["seed"])
     np.random.seed(trainer["seed"])
     comp = build(registry, spec)
+    alive()  # and after each long part of the start
     model = comp.model
     prepare(model, trainer, spec)  # activation checkpointing, torch.compile
 
@@ -165,6 +169,7 @@ def train(spec: dict[str, Any], registry: Registry, run: RunInfo, store: Store |
     checkpoints = run.run_dir / "checkpoints"
     universal = bool(resume_tag) and needs_universal(checkpoints / resume_tag, world)  # saved on other ranks
     engine, scheduler = make_engine(model, trainer, device, precision, world, load_universal=universal)
+    alive()
     rank, world = dist.get_rank(), dist.get_world_size()
     run = dataclasses.replace(run, device=f"{_device_name(device)} x{world} {precision}")
     if rank == 0:
@@ -183,6 +188,7 @@ def train(spec: dict[str, Any], registry: Registry, run: RunInfo, store: Store |
             dist.barrier()
             load_dir, tag = checkpoints / resume_tag, UNIVERSAL
         _, client = engine.load_checkpoint(str(load_dir), tag=tag)
+        alive()
         state = client["orch"]
         step, epoch, batch_in_epoch = state["step"], state["epoch"], state["batch"]
         eval_pending = state.get("eval_pending", False)  # the attempt before was stopped during this evaluation
@@ -198,7 +204,7 @@ def train(spec: dict[str, Any], registry: Registry, run: RunInfo, store: Store |
             store.forget_after(claim, step)
         registry.notify("run_started", run=run, resumed_from=step if resume_tag else None)
     votes = StopVote(device, world)
-    stop_asked = StopAsked(run.stop_request_path if rank == 0 else None)
+    stop_asked = StopAsked(run.stop_request_path if rank == 0 else None, alive)
 
     def evaluate() -> dict[str, float] | None:
         """Every evaluator at this step; None when a stop request interrupted them (every rank agrees)."""
@@ -317,6 +323,7 @@ def train(spec: dict[str, Any], registry: Registry, run: RunInfo, store: Store |
     results = evaluate()
     if results is None:  # the last step's checkpoint is saved: the next attempt starts with this evaluation
         stop()
+    alive()
     # ZeRO-3 partitions the parameters: every rank helps gather them, layer by layer, onto rank 0's CPU
     full = engine._zero3_consolidated_16bit_state_dict() if trainer["zero"] == 3 else None
     if rank == 0:
@@ -568,15 +575,36 @@ def _mean_over_ranks(sums: dict[str, torch.Tensor], steps: int) -> dict[str, flo
     return dict(zip(keys, values.cpu().tolist()))
 
 
+class SignOfLife:
+    """What the worker's ``--stall-timeout`` watches, given at each step and evaluation batch (with the stop
+    check) and at most once a second: rank 0 touches ``alive_path``, and every rank re-arms faulthandler to
+    write its threads' Python stacks to the log should no sign follow within the timeout. A hung run (a read
+    from a stalled network file system, a deadlocked plugin) thus says where it hung before the worker stops it.
+    NCCL's own timeout ends a collective that waits for a hung rank, but nothing ends a lone rank's hang."""
+
+    def __init__(self, path: Path | None, timeout: float) -> None:
+        self.path, self.timeout, self.given = path, timeout, -1.0
+        self()
+
+    def __call__(self) -> None:
+        if not self.timeout or time.monotonic() - self.given < 1.0:
+            return
+        self.given = time.monotonic()
+        faulthandler.dump_traceback_later(self.timeout)
+        if self.path is not None:
+            self.path.touch()
+
+
 class StopAsked:
     """Whether this rank was asked to stop: SIGTERM to it (with ``ORCH_CHECKPOINT_ON_SIGTERM``), or the worker's
     stop file, which rank 0 looks for at most every 0.2 s (on a shared filesystem a look can be a round trip to
-    its metadata server, too slow for every step)."""
+    its metadata server, too slow for every step). Each look is also a sign of life."""
 
-    def __init__(self, request_path: Path | None) -> None:
-        self.request_path, self.looked = request_path, 0.0
+    def __init__(self, request_path: Path | None, alive: Callable[[], None] = lambda: None) -> None:
+        self.request_path, self.alive, self.looked = request_path, alive, 0.0
 
     def __call__(self) -> bool:
+        self.alive()
         if _signalled.is_set():
             return True
         if self.request_path is None or time.monotonic() - self.looked < 0.2:
