@@ -44,9 +44,8 @@ def fingerprint(registry: Registry, spec: dict[str, Any]) -> dict[str, str]:
                 continue
             module = component.target.partition(":")[0] if isinstance(component.target, str) \
                 else component.target.__module__
-            origin = importlib.util.find_spec(module).origin
-            source = _digest([Path(origin)]) if origin and Path(origin).is_file() else "unknown"
-            found[f"{kind} {entry['name']}"] = f"{component.distribution} {component.version}, {module} {source}"
+            package = f"{component.distribution} {component.version}"
+            found[f"{kind} {entry['name']}"] = f"{package}, {module} {_source(module)}"
     return found
 
 
@@ -54,7 +53,7 @@ def check_ranks_agree(mine: dict[str, str]) -> None:
     """Raise UserError, on every rank alike, when any rank's fingerprint differs from rank 0's."""
     everyone: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, (socket.gethostname(), mine))
-    (host0, first) = everyone[0]
+    host0, first = everyone[0]
     for rank, (host, theirs) in enumerate(everyone):
         differ = [name for name in sorted(first.keys() | theirs.keys()) if first.get(name) != theirs.get(name)]
         if differ:
@@ -63,6 +62,16 @@ def check_ranks_agree(mine: dict[str, str]) -> None:
                             f"{theirs.get(name, 'missing')} there and {first.get(name, 'missing')} on rank 0"
                             + (f" ({len(differ) - 1} more differences)" if len(differ) > 1 else "")
                             + ": install the same versions on every host (the same checkout for editable installs)")
+
+
+def _source(module: str) -> str:
+    """A short hash of the file that defines ``module``; "unknown" when it has none (built in, or not importable
+    by name)."""
+    try:
+        origin = importlib.util.find_spec(module).origin
+    except (ImportError, ValueError, AttributeError):
+        return "unknown"
+    return _digest([Path(origin)]) if origin and Path(origin).is_file() else "unknown"
 
 
 def _digest(paths: list[Path]) -> str:
