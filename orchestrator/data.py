@@ -1,5 +1,5 @@
 """Small helpers for dataset plugins: a labelled split, captions from prompts, a fixed held-out split, the
-``worker_init_fn`` of a DataLoader inside a training process, a folder to cache what is slow to recompute (how to
+worker processes of a DataLoader inside a training process, a folder to cache what is slow to recompute (how to
 write into it, and in what order ranks fill it together), and a compact sequence of strings for the captions and
 paths of millions of samples.
 
@@ -10,6 +10,7 @@ Natural Language Supervision"): a class name inserted into a format string such 
 
 from __future__ import annotations
 
+import multiprocessing
 import operator
 import os
 import signal
@@ -18,7 +19,7 @@ import threading
 import zipfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import BinaryIO, TypeVar
+from typing import Any, BinaryIO, TypeVar
 
 import numpy as np
 import torch
@@ -85,8 +86,22 @@ def labelled_splits(images: torch.Tensor, labels: Sequence[int], class_names: Se
     return splits[0], splits[1]
 
 
+def loader_workers(workers: int) -> dict[str, Any]:
+    """The DataLoader arguments for ``workers`` loader processes inside a rank (none for 0): ``**loader_workers(n)``.
+
+    They are forked, whatever the default start method: Python 3.14 makes it forkserver on Linux (spawn on macOS
+    since 3.8), and a worker started so is sent the dataset and the collate function pickled (orch's holds the
+    model, whose DeepSpeed hooks do not pickle: the run crashed), copies what a forked one shares with its rank
+    (a dataset's index of millions of samples), and has the fork server, not its rank, for parent. Forked, as
+    every loader on Linux was before 3.14, each lives and dies with its rank (``loader_worker_init``)."""
+    if workers == 0:
+        return {"num_workers": 0}
+    fork = "fork" if "fork" in multiprocessing.get_all_start_methods() else None
+    return {"num_workers": workers, "multiprocessing_context": fork, "worker_init_fn": loader_worker_init}
+
+
 def loader_worker_init(worker_id: int) -> None:
-    """A loader worker lives and dies with its rank. Use it for any DataLoader with workers in a rank.
+    """A loader worker lives and dies with its rank (``loader_workers`` sets it).
 
     - It stops on its rank's SIGTERM, as torch's own worker does: that is how torch's shutdown, and multiprocessing
       at the rank's exit, stop it. (Ignoring that one too left a rank that exits with its loader alive, after a

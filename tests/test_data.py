@@ -23,7 +23,7 @@ from orchestrator.data import (
     held_out,
     in_rank_order,
     labelled_splits,
-    loader_worker_init,
+    loader_workers,
 )
 
 NAMES = ["cat", "dog", "eel"]
@@ -185,7 +185,7 @@ def test_rank_shares_cover_every_item_once(n: int, world: int) -> None:
 def test_a_loader_worker_outlives_sigterm_to_every_process():
     """systemd and Slurm signal every process: the rank is saving its checkpoint, so its loader worker must not die
     under it (without the init, torch raises "DataLoader worker (pid N) is killed by signal: Terminated")."""
-    loader = torch.utils.data.DataLoader(_Slow(), batch_size=1, num_workers=1, worker_init_fn=loader_worker_init)
+    loader = torch.utils.data.DataLoader(_Slow(), batch_size=1, **loader_workers(1))
     others = set(psutil.Process().children())  # what other tests left running here
     batches = iter(loader)
     got = [int(next(batches))]
@@ -200,22 +200,40 @@ def test_a_rank_that_exits_with_its_loader_alive_takes_the_workers_along():
     exit stops the workers with SIGTERM and waits for them, which hung for ever when they ignored it."""
     script = (
         "import torch\n"
-        "from orchestrator.data import loader_worker_init\n"
-        "loader = torch.utils.data.DataLoader(range(8), num_workers=2, worker_init_fn=loader_worker_init,\n"
-        "                                     persistent_workers=True)\n"
+        "from orchestrator.data import loader_workers\n"
+        "loader = torch.utils.data.DataLoader(range(8), persistent_workers=True, **loader_workers(2))\n"
         "print(sum(int(b) for b in loader), flush=True)\n"
     )
     rank = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert rank.returncode == 0 and rank.stdout.strip() == "28", rank.stderr
 
 
+@pytest.mark.parametrize("default", ["fork", "forkserver", "spawn"])
+def test_loader_workers_are_forks_of_their_rank_whatever_the_default_start_method(default: str):
+    """Python 3.14 makes forkserver the default on Linux (spawn is macOS's): workers started so are sent the dataset
+    pickled (a run's collate function holds the model, whose DeepSpeed hooks do not pickle) and have the fork server
+    for parent, so that the rank's exit, which stops them with SIGTERM, waited for them for ever."""
+    script = (
+        "import multiprocessing, os, threading, torch\n"
+        f"multiprocessing.set_start_method({default!r})\n"
+        "from orchestrator.data import loader_workers\n"
+        "class Parents(torch.utils.data.Dataset):\n"
+        "    def __init__(self): self.lock = threading.Lock()  # does not pickle\n"
+        "    def __len__(self): return 8\n"
+        "    def __getitem__(self, i): return os.getppid()\n"
+        "loader = torch.utils.data.DataLoader(Parents(), batch_size=2, persistent_workers=True, **loader_workers(2))\n"
+        "print({int(p) for b in loader for p in b} == {os.getpid()}, flush=True)\n"  # exits with the loader alive
+    )
+    rank = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert rank.returncode == 0 and rank.stdout.strip() == "True", rank.stderr[-2000:]
+
+
 def test_a_loader_worker_dies_with_its_rank_at_once():
     """A rank stopped by SIGKILL (a cancel, a lost lease) takes its loader workers along, not after torch's 5 s."""
     script = (
         "import sys, time, torch\n"
-        "from orchestrator.data import loader_worker_init\n"
-        "loader = torch.utils.data.DataLoader(range(100), num_workers=1, worker_init_fn=loader_worker_init,\n"
-        "                                     persistent_workers=True)\n"
+        "from orchestrator.data import loader_workers\n"
+        "loader = torch.utils.data.DataLoader(range(100), persistent_workers=True, **loader_workers(1))\n"
         "next(iter(loader)); print('ready', flush=True); time.sleep(60)\n"
     )
     rank = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, default_collate
 
-from orchestrator.data import loader_worker_init
+from orchestrator.data import loader_workers
 from orchestrator.errors import UserError
 
 # what an evaluator reads of an image encoder: its output, its representation before the projection head, or
@@ -107,9 +107,8 @@ class EvalContext:
         processes when there are any, as training's are (one process decodes 256 px JPEGs at a few hundred a
         second: hours for a bank of millions), else here."""
         if isinstance(images, SplitImages) and self.workers:
-            yield from DataLoader(images, batch_size=self.batch_size, num_workers=self.workers,
-                                  collate_fn=partial(_transformed, transform=transform),
-                                  worker_init_fn=loader_worker_init)
+            yield from DataLoader(images, batch_size=self.batch_size, **loader_workers(self.workers),
+                                  collate_fn=partial(_transformed, transform=transform))
             return
         for start in range(0, len(images), self.batch_size):
             yield _transformed(images[start:start + self.batch_size], transform)

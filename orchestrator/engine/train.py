@@ -37,7 +37,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from orchestrator.data import loader_worker_init
+from orchestrator.data import loader_workers
 from orchestrator.engine.checkpoint import (
     UNIVERSAL,
     is_disk_full,
@@ -411,10 +411,9 @@ def make_loader(split: Any, model: RunModel, trainer: dict[str, Any], rank: int,
     shards, workers = _Shards(), trainer["workers"]
     pin = device.type == "cuda" and not trainer.get("grad_cache")
     loader = torch.utils.data.DataLoader(
-        _EpochSplit(split), batch_sampler=shards, num_workers=workers, pin_memory=pin,
+        _EpochSplit(split), batch_sampler=shards, **loader_workers(workers), pin_memory=pin,
         collate_fn=partial(_collate_epoch, model=model, seed=trainer["seed"]), persistent_workers=workers > 0,
-        prefetch_factor=trainer.get("prefetch", 2) if workers else None, generator=_loader_generator(trainer, rank),
-        worker_init_fn=loader_worker_init)
+        prefetch_factor=trainer.get("prefetch", 2) if workers else None, generator=_loader_generator(trainer, rank))
     return shards, loader
 
 

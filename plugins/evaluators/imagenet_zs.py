@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-from orchestrator.data import loader_worker_init
+from orchestrator.data import loader_workers
 from orchestrator.engine.evaluation import EvalContext
 from orchestrator.errors import UserError
 from plugins.evaluators import _imagenet_root, imagenet_class_folders, imagenet_metadata
@@ -94,8 +94,7 @@ class ImageNetZeroShot:
         name_of = dict(zip(meta["wnids"], meta["names"], strict=True))
         classifier = zero_shot_classifier(ctx, [name_of[w] for w in wnids], meta["templates"])
         size = getattr(ctx.image_encoder, "image_size", 224)
-        loader = DataLoader(_ImageFiles(samples, size), batch_size=self.batch_size, num_workers=self.workers,
-                            worker_init_fn=loader_worker_init)
+        loader = DataLoader(_ImageFiles(samples, size), batch_size=self.batch_size, **loader_workers(self.workers))
         features, labels = [], []
         for images, ys in loader:
             features.append(ctx.encode_images(images))
