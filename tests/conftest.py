@@ -122,6 +122,19 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def install_module_plugin(site: Path, distribution: str, version: str, source: str) -> dict[str, str]:
+    """A one-module plugin installed into ``site`` as pip would (a dist-info folder on the path): the module
+    ``distribution`` with dashes as underscores, holding ``source``, under the entry point of that name. Returns
+    the environment that puts ``site`` on the path of orch's processes."""
+    module = distribution.replace("-", "_")
+    dist = site / f"{module}-{version}.dist-info"
+    dist.mkdir(parents=True)
+    (dist / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {distribution}\nVersion: {version}\n")
+    (dist / "entry_points.txt").write_text(f"[orch]\n{module} = {module}\n")
+    (site / f"{module}.py").write_text(source)
+    return {"PYTHONPATH": f"{site}:{ROOT}"}
+
+
 def installed_or_skip(name: str, packages: str) -> str:
     """The path of a system tool a test needs; skipped without it, failed in CI (``.ci/run`` installs it)."""
     path = shutil.which(name) or shutil.which(name, path="/usr/sbin:/usr/bin")

@@ -13,7 +13,7 @@ import pytest
 
 from orchestrator import cli
 from orchestrator.store import Store
-from tests.conftest import orch
+from tests.conftest import install_module_plugin, orch
 
 HUGE = "x" * 10_000
 
@@ -141,20 +141,14 @@ def test_at_least_forty_cases() -> None:
 
 def test_a_plugin_whose_register_hook_raises(scene: dict[str, Path]) -> None:
     """Installed as pip would (a dist-info folder on the path): listed broken, its names refused clearly."""
-    site = scene["root"] / "site"
-    dist = site / "orch_raising_plugin-0.1.dist-info"
-    dist.mkdir(parents=True)
-    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: orch-raising-plugin\nVersion: 0.1\n")
-    (dist / "entry_points.txt").write_text("[orch]\nraising = orch_raising_plugin\n")
-    (site / "orch_raising_plugin.py").write_text(
-        "from orchestrator import hookimpl\n\n@hookimpl\ndef register_losses(register):\n"
-        "    raise ValueError('bad registration')\n")
-    env = {"PYTHONPATH": f"{site}:{Path(__file__).resolve().parents[1]}"}
+    env = install_module_plugin(scene["root"] / "site", "orch-raising-plugin", "0.1",
+                                "from orchestrator import hookimpl\n\n@hookimpl\ndef register_losses(register):\n"
+                                "    raise ValueError('bad registration')\n")
     listed = orch("plugins", cwd=scene["root"], env=env)
     assert listed.returncode == 0 and "BROKEN: ValueError: bad registration" in listed.stdout
     refused = orch("queue", "--loss", "raising-loss", cwd=scene["root"], env=env)
     assert refused.returncode == 2
-    assert refused.stderr.count("\n") == 1 and "broken plugins: raising" in refused.stderr
+    assert refused.stderr.count("\n") == 1 and "broken plugins: orch_raising_plugin" in refused.stderr
 
 
 @pytest.mark.slow

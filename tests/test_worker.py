@@ -16,7 +16,7 @@ from mlflow.entities import Run
 
 from orchestrator.runinfo import TIMING_METRICS
 from orchestrator.store import Claim, Store
-from tests.conftest import imagenet_folder, orch, training_processes, wait_until
+from tests.conftest import imagenet_folder, install_module_plugin, orch, training_processes, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -86,33 +86,55 @@ def test_two_workers_never_run_the_same_run(workdir: Path, backend: str, request
     assert sorted(executed) == [r["id"] for r in reversed(runs)]
 
 
+DRIFT = """from orchestrator import hookimpl
+from plugins.losses.infonce import InfoNCE
+
+
+class Drift(InfoNCE):
+    def __init__(self{option}) -> None:
+        super().__init__()
+
+
+@hookimpl
+def register_losses(register):
+    register("drift", "orch_drift_plugin:Drift", needs={{"image", "text"}})
+"""
+
+
 def test_a_worker_leaves_a_run_it_cannot_run_to_one_that_can(workdir: Path, faulty_site: dict[str, str]) -> None:
-    """Workers sharing a store need not be alike: a run that needs a plugin one lacks (or GPUs) waits for another,
-    and no failure is counted. The first worker to claim it used to fail it."""
+    """Workers sharing a store need not be alike: a run that needs a plugin one lacks, an option its version of a
+    plugin lacks (or GPUs) waits for another, and no failure is counted. The first worker to claim it used to fail
+    it."""
     import torch
 
-    queue = [[*SMALL, "--loss", "faulty"], [*SMALL, "--seed", "1"]]
+    older = install_module_plugin(workdir / "older", "orch-drift-plugin", "0.1", DRIFT.format(option=""))
+    newer = install_module_plugin(workdir / "newer", "orch-drift-plugin", "0.2",
+                                  DRIFT.format(option=", margin: float = 0.0"))
+    full = {"PYTHONPATH": f"{newer['PYTHONPATH']}:{faulty_site['PYTHONPATH']}"}  # faulty and the newer drift
+    queue = [[*SMALL, "--loss", "faulty"], [*SMALL, "--seed", "1"], [*SMALL, "--loss", "drift:margin=0.5"]]
     if not torch.cuda.is_available():  # a run for a GPU worker, queued where there is none
         queue.append([*SMALL, "--gpus", "all"])
     for args in queue:
-        assert orch("queue", *args, "--steps", "2", "--eval", "zs", cwd=workdir, env=faulty_site).returncode == 0
+        assert orch("queue", *args, "--steps", "2", "--eval", "zs", cwd=workdir, env=full).returncode == 0
     store = Store.open(f"sqlite:///{workdir}/experiments.db")
-    plain = orch("worker", "--quiet", cwd=workdir)  # no faulty plugin here
+    plain = orch("worker", "--quiet", cwd=workdir, env=older)  # no faulty plugin here, and the older drift
     assert plain.returncode == 0, plain.stdout + plain.stderr
-    assert [store.run(i)["status"] for i in (1, 2)] == ["queued", "finished"]
+    assert [store.run(i)["status"] for i in (1, 2, 3)] == ["queued", "finished", "queued"]
     error = store.run(1)["error"]
     assert error.startswith("worker ") and "has no loss 'faulty' (queued from orch-faulty-plugin 0.0.1)" in error
     assert [a["outcome"] for a in store.attempts(1)] == ["interrupted"] and store.run(1)["failures"] == 0
-    left = [1, 3] if len(queue) == 3 else [1]
+    assert ("has loss 'drift' from orch-drift-plugin 0.1, without option margin (queued from orch-drift-plugin "
+            "0.2)") in store.run(3)["error"]
+    left = [1, 3, 4] if len(queue) == 4 else [1, 3]
     assert f"left {len(left)} run(s) it cannot run ({', '.join(map(str, left))})" in plain.stdout, plain.stdout
 
-    able = orch("worker", "--quiet", cwd=workdir, env=faulty_site)
+    able = orch("worker", "--quiet", cwd=workdir, env=full)
     assert able.returncode == 0, able.stdout + able.stderr
-    assert store.run(1)["status"] == "finished"
-    assert [a["outcome"] for a in store.attempts(1)] == ["interrupted", "finished"]
-    if len(queue) == 3:
-        assert store.run(3)["status"] == "queued" and "--gpus all" in store.run(3)["error"]
-        assert [a["outcome"] for a in store.attempts(3)] == ["interrupted", "interrupted"]
+    assert [store.run(i)["status"] for i in (1, 3)] == ["finished", "finished"]
+    assert [a["outcome"] for a in store.attempts(3)] == ["interrupted", "finished"]
+    if len(queue) == 4:
+        assert store.run(4)["status"] == "queued" and "--gpus all" in store.run(4)["error"]
+        assert [a["outcome"] for a in store.attempts(4)] == ["interrupted", "interrupted"]
 
 
 def test_two_process_gloo_run_end_to_end(workdir: Path) -> None:

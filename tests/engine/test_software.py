@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from orchestrator.store import Store
-from tests.conftest import orch
+from tests.conftest import install_module_plugin, orch
 from tests.engine.conftest import SMALL
 
 pytestmark = pytest.mark.slow
@@ -29,19 +29,12 @@ def register_losses(register):
 '''
 
 
-def _install(site: Path, version: str, where: str) -> None:
-    dist = site / f"orch_drift_plugin-{version}.dist-info"
-    dist.mkdir(parents=True)
-    (dist / "METADATA").write_text(f"Metadata-Version: 2.1\nName: orch-drift-plugin\nVersion: {version}\n")
-    (dist / "entry_points.txt").write_text("[orch]\ndrift = orch_drift_plugin\n")
-    (site / "orch_drift_plugin.py").write_text(PLUGIN.format(where=where))
-
-
 @pytest.mark.parametrize("differ", ["source", "version"])
 def test_ranks_with_different_plugin_code_refuse_to_start(workdir: Path, differ: str) -> None:
     site = workdir / "site"
-    _install(site / "rank0", "0.1", "host A")
-    _install(site / "rank1", "0.2" if differ == "version" else "0.1", "host B" if differ == "source" else "host A")
+    install_module_plugin(site / "rank0", "orch-drift-plugin", "0.1", PLUGIN.format(where="host A"))
+    install_module_plugin(site / "rank1", "orch-drift-plugin", "0.2" if differ == "version" else "0.1",
+                          PLUGIN.format(where="host B" if differ == "source" else "host A"))
     (site / "sitecustomize.py").write_text("import os, sys\n"  # the ranks' PYTHONPATH: rank<RANK>/ first
                                            "here = os.path.dirname(__file__)\n"
                                            "rank = 'rank' + os.environ.get('RANK', '0')\n"
