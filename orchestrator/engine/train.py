@@ -238,7 +238,7 @@ def train(spec: dict[str, Any], registry: Registry, run: RunInfo, store: Store |
         comp.sampler.setup(train_split)
     refresh_every = getattr(comp.sampler, "refresh_every", 0) or 0
     if refresh_every and not resume_tag:  # a resumed sampler has its refreshed state back already
-        _refresh_sampler(comp, model, device, precision, trainer["workers"])
+        _refresh_sampler(comp, model, device, precision, trainer["workers"], alive)
 
     def epoch_loader(epoch: int, start: int) -> tuple[int, Any]:
         """This rank's micro-batches of ``epoch`` from global batch ``start`` on, and the epoch's batch count."""
@@ -307,7 +307,7 @@ def train(spec: dict[str, Any], registry: Registry, run: RunInfo, store: Store |
                 elif reporter:
                     reporter.log(step, results)
             if refresh_every and step % refresh_every == 0 and step < trainer["steps"]:  # before the save: a resume
-                _refresh_sampler(comp, model, device, precision, trainer["workers"])  # starts refreshed
+                _refresh_sampler(comp, model, device, precision, trainer["workers"], alive)  # starts refreshed
                 epoch_batches, micro_batches = epoch_loader(epoch, batch_in_epoch)
             if saving:
                 rank_state = {"rng": _get_rng(), "interval": interval, "interval_steps": interval_steps}
@@ -332,6 +332,8 @@ def train(spec: dict[str, Any], registry: Registry, run: RunInfo, store: Store |
         reporter.log(step, results)
         reporter.close()
         registry.notify("run_ended", run=run, status="finished", error=None)
+    else:
+        alive.pause()  # rank 0 writes the weights alone
     dist.barrier()
     if rank == 0:  # every rank reached the barrier: all the run's work is saved, whatever happens at exit
         _write_whole(run.result_path, {"finished": True})
@@ -546,9 +548,11 @@ def _augment(view: Any, image: torch.Tensor, key: tuple[int, int, int, int]) -> 
         generator.set_state(state)
 
 
-def _refresh_sampler(comp: Composition, model: RunModel, device: torch.device, precision: str, workers: int) -> None:
+def _refresh_sampler(comp: Composition, model: RunModel, device: torch.device, precision: str, workers: int,
+                     alive: SignOfLife) -> None:
     """Give the sampler the normalised train embeddings under the current image tower (every rank alike)."""
-    ctx = EvalContext(model.image_encoder, model.text_tower, comp.dataset, device, DTYPES[precision], workers=workers)
+    ctx = EvalContext(model.image_encoder, model.text_tower, comp.dataset, device, DTYPES[precision], workers=workers,
+                      stop_asked=alive.never_stop)
     model.eval()
     with _rng_kept():
         embeddings = ctx.encode_images(SplitImages(comp.dataset.train))
@@ -575,11 +579,12 @@ def _mean_over_ranks(sums: dict[str, torch.Tensor], steps: int) -> dict[str, flo
 
 
 class SignOfLife:
-    """What the worker's ``--stall-timeout`` watches, given at each step and evaluation batch (with the stop
-    check) and at most once a second: rank 0 touches ``alive_path``, and every rank re-arms faulthandler to
-    write its threads' Python stacks to the log should no sign follow within the timeout. A hung run (a read
-    from a stalled network file system, a deadlocked plugin) thus says where it hung before the worker stops it.
-    NCCL's own timeout ends a collective that waits for a hung rank, but nothing ends a lone rank's hang."""
+    """What the worker's ``--stall-timeout`` watches, given at each step and at each batch an evaluation or a
+    sampler's refresh encodes (with the stop check) and at most once a second: rank 0 touches ``alive_path``, and
+    every rank re-arms faulthandler to write its threads' Python stacks to the log should no sign follow within
+    the timeout. A hung run (a read from a stalled network file system, a deadlocked plugin) thus says where it
+    hung before the worker stops it. NCCL's own timeout ends a collective that waits for a hung rank, but nothing
+    ends a lone rank's hang."""
 
     def __init__(self, path: Path | None, timeout: float) -> None:
         self.path, self.timeout, self.given = path, timeout, -1.0
@@ -593,14 +598,25 @@ class SignOfLife:
         if self.path is not None:
             self.path.touch()
 
+    def never_stop(self) -> bool:
+        """A sign, in the place of a stop check (``EvalContext.stop_asked``) where a stop cannot be taken."""
+        self()
+        return False
+
+    def pause(self) -> None:
+        """No stacks until the next sign: this rank waits for rank 0 alone (its evaluation), whose signs count."""
+        if self.timeout:
+            faulthandler.cancel_dump_traceback_later()
+            self.given = -1.0
+
 
 class StopAsked:
     """Whether this rank was asked to stop: SIGTERM to it (with ``ORCH_CHECKPOINT_ON_SIGTERM``), or the worker's
     stop file, which rank 0 looks for at most every 0.2 s (on a shared filesystem a look can be a round trip to
     its metadata server, too slow for every step). Each look is also a sign of life."""
 
-    def __init__(self, request_path: Path | None, alive: Callable[[], None] = lambda: None) -> None:
-        self.request_path, self.alive, self.looked = request_path, alive, 0.0
+    def __init__(self, request_path: Path | None, alive: SignOfLife | None = None) -> None:
+        self.request_path, self.alive, self.looked = request_path, alive or SignOfLife(None, 0.0), 0.0
 
     def __call__(self) -> bool:
         self.alive()
@@ -674,8 +690,8 @@ def _evaluate(comp: Composition, model: RunModel, device: torch.device, precisio
     if dist.get_rank() == 0 or everywhere:
         ctx = EvalContext(model.image_encoder, model.text_tower, comp.dataset, device, DTYPES[precision],
                           workers=trainer["workers"])
-        if stop_asked is not None and not everywhere:  # under ZeRO-3 the ranks would have to agree on every batch
-            ctx.stop_asked = stop_asked
+        if stop_asked is not None:  # under ZeRO-3 the ranks would have to agree on a stop at every batch: there
+            ctx.stop_asked = stop_asked.alive.never_stop if everywhere else stop_asked  # a batch is only a sign
         model.eval()
         try:
             with _rng_kept():
@@ -686,6 +702,8 @@ def _evaluate(comp: Composition, model: RunModel, device: torch.device, precisio
             results = None
         finally:
             model.train()
+    elif stop_asked is not None:
+        stop_asked.alive.pause()
     interrupted = torch.tensor([float(results is None)], device=device)
     dist.all_reduce(interrupted, op=dist.ReduceOp.MAX)  # rank 0's word, and the barrier the ranks need here
     return None if interrupted.item() else results

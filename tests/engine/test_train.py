@@ -1,12 +1,16 @@
-"""The training loop's loader and batch assembly (``orchestrator/engine/train.py``)."""
+"""The training loop's loader, batch assembly and signs of life (``orchestrator/engine/train.py``)."""
 
 from __future__ import annotations
+
+import faulthandler
+import time
+from pathlib import Path
 
 import pytest
 import torch
 
 from orchestrator.engine.compose import build
-from orchestrator.engine.train import _collate, _Rows, make_loader
+from orchestrator.engine.train import SignOfLife, _collate, _Rows, make_loader
 from orchestrator.registry import Registry
 from orchestrator.spec import resolve_run, resolve_trainer
 from tests.conftest import AliveImages
@@ -79,3 +83,28 @@ def test_on_a_gpu_the_loader_pins_whole_batches_only_without_caching(grad_cache:
     for device, pin in ((torch.device("cuda"), pinned), (torch.device("cpu"), False)):
         _, loader = make_loader(list(range(8)), None, trainer, rank=0, device=device)
         assert loader.pin_memory is pin
+
+
+def test_signs_of_life_hold_off_the_stacks_and_silence_brings_them(tmp_path: Path,
+                                                                   capfd: pytest.CaptureFixture) -> None:
+    """--stall-timeout's rank side: each sign touches the file the worker watches and puts off faulthandler's dump of
+    every thread's stack; a pause (a rank waiting for rank 0's evaluation) puts it off until the next sign."""
+    path = tmp_path / "attempt-1.alive"
+    alive = SignOfLife(path, 1.5)
+    try:
+        first = path.stat().st_mtime_ns
+        for _ in range(6):  # 3 s of signs, each well within the timeout
+            time.sleep(0.5)
+            alive()
+        assert "Timeout" not in capfd.readouterr().err
+        assert path.stat().st_mtime_ns > first
+        alive.pause()
+        time.sleep(2.5)
+        assert "Timeout" not in capfd.readouterr().err
+        alive()
+        time.sleep(2.5)  # silent past the timeout
+        err = capfd.readouterr().err
+        assert err.count("Timeout (0:00:01.500000)!") == 1, err
+        assert "in test_signs_of_life_hold_off_the_stacks_and_silence_brings_them" in err, err
+    finally:
+        faulthandler.cancel_dump_traceback_later()
