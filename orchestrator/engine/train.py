@@ -28,7 +28,7 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Collection, Iterator
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -682,7 +682,7 @@ class StopVote:
 
 
 def _evaluate(comp: Composition, model: RunModel, device: torch.device, precision: str,
-              trainer: dict[str, Any], stop_asked: Callable[[], bool] | None = None) -> dict[str, float] | None:
+              trainer: dict[str, Any], stop_asked: StopAsked | None = None) -> dict[str, float] | None:
     """Run every evaluator; the RNGs are kept so evaluating never changes the training trajectory. With
     ``stop_asked``, a stop request on rank 0 interrupts the evaluators between batches: None, on every rank."""
     results: dict[str, float] | None = {}

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from orchestrator.engine.evaluation import EvalContext, EvalInterrupted, SplitImages
-from orchestrator.engine.train import _evaluate
+from orchestrator.engine.train import StopAsked, _evaluate
 from orchestrator.testing import eval_context
 from tests.conftest import AliveImages
 
@@ -127,7 +127,8 @@ def test_loader_workers_decode_a_split_into_the_same_embeddings_in_order() -> No
 
 
 @pytest.mark.parametrize("zero, interrupted", [(0, True), (3, False)])
-def test_evaluate_returns_none_when_interrupted_except_under_zero_3(zero: int, interrupted: bool) -> None:
+def test_evaluate_returns_none_when_interrupted_except_under_zero_3(zero: int, interrupted: bool,
+                                                                    tmp_path: Path) -> None:
     """Interrupted, ``_evaluate`` gives None (every rank agrees: the engine then saves the step and evaluates it on
     resume), keeps the RNGs and puts the model back in training mode. Under ZeRO-3 every rank evaluates together,
     so a request on rank 0 alone cannot end it: it runs to the end."""
@@ -142,8 +143,10 @@ def test_evaluate_returns_none_when_interrupted_except_under_zero_3(zero: int, i
         torch.manual_seed(0)
         expected = torch.rand(())
         torch.manual_seed(0)
+        request = tmp_path / "attempt-1.stop"
+        request.touch()  # the worker's stop request, there from the start
         results = _evaluate(comp, model, torch.device("cpu"), "fp32", {"zero": zero, "workers": 0},
-                            stop_asked=lambda: True)
+                            stop_asked=StopAsked(request))
         assert (results is None) == interrupted and modes == ["eval", "train"]
         assert torch.rand(()) == expected
     finally:
