@@ -90,21 +90,21 @@ def test_signs_of_life_hold_off_the_stacks_and_silence_brings_them(tmp_path: Pat
     """--stall-timeout's rank side: each sign touches the file the worker watches and puts off faulthandler's dump of
     every thread's stack; a pause (a rank waiting for rank 0's evaluation) puts it off until the next sign."""
     path = tmp_path / "attempt-1.alive"
-    alive = SignOfLife(path, 1.5)
+    alive = SignOfLife(path, 3.0)  # re-armed at most once a second: 2 s to spare for a loaded machine
     try:
         first = path.stat().st_mtime_ns
-        for _ in range(6):  # 3 s of signs, each well within the timeout
+        for _ in range(8):  # 4 s of signs, each well within the timeout
             time.sleep(0.5)
             alive()
         assert "Timeout" not in capfd.readouterr().err
         assert path.stat().st_mtime_ns > first
         alive.pause()
-        time.sleep(2.5)
+        time.sleep(4)
         assert "Timeout" not in capfd.readouterr().err
         alive()
-        time.sleep(2.5)  # silent past the timeout
+        time.sleep(4.5)  # silent past the timeout
         err = capfd.readouterr().err
-        assert err.count("Timeout (0:00:01.500000)!") == 1, err
+        assert err.count("Timeout (0:00:03)!") == 1, err
         assert "in test_signs_of_life_hold_off_the_stacks_and_silence_brings_them" in err, err
     finally:
         faulthandler.cancel_dump_traceback_later()
