@@ -12,6 +12,7 @@ import itertools
 import json
 import math
 import typing
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import NoneType, UnionType
@@ -30,6 +31,16 @@ SLOTS = {  # command-line flag -> component kind
     "sampler": "sampler",
     "eval": "evaluator",
 }
+
+
+def spec_components(spec: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(kind, entry) for every component a resolved spec names, evaluators one by one."""
+    for slot, kind in SLOTS.items():
+        entries = spec.get(slot) or []
+        for entry in entries if isinstance(entries, list) else [entries]:
+            yield kind, entry
+
+
 DEFAULTS = {"data": "mnist", "encoder": "vit", "text_encoder": "text-transformer", "loss": "infonce",
             "sampler": "random"}
 DEFAULT_EVALS = {True: ["zs"], False: ["knn"]}  # with and without a text tower

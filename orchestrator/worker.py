@@ -41,7 +41,7 @@ from orchestrator.launch import (
 )
 from orchestrator.registry import Registry
 from orchestrator.runinfo import RunInfo
-from orchestrator.spec import SLOTS
+from orchestrator.spec import spec_components
 from orchestrator.store import STORE_ENV, Claim, Fenced, Store
 
 RUNS_DIR_ENV = "ORCH_RUNS_DIR"
@@ -119,19 +119,17 @@ class Worker:
         """Why this worker cannot run ``spec``, or None: a plugin it lacks, a version of it without an option the
         run sets, or GPUs it does not have. Workers that share a store need not be alike; a run one of them cannot
         run waits for another (not failed by the wrong one, as it was when the ranks found out)."""
-        for slot, kind in SLOTS.items():
-            entries = spec.get(slot) or []
-            for entry in entries if isinstance(entries, list) else [entries]:
-                plugin = entry.get("plugin") or {}  # the package that provided it where the run was queued
-                source = " ".join(str(plugin[key]) for key in ("distribution", "version") if plugin.get(key))
-                queued_from = f" (queued from {source})" if source else ""
-                component = self.registry.components[kind].get(entry["name"])
-                if component is None:
-                    return f"worker {self.id} has no {kind} {entry['name']!r}{queued_from}"
-                unknown = [name for name in entry.get("options", {}) if component.option(name) is None]
-                if unknown:
-                    return (f"worker {self.id} has {kind} {entry['name']!r} from {component.distribution} "
-                            f"{component.version}, without option {', '.join(unknown)}{queued_from}")
+        for kind, entry in spec_components(spec):
+            plugin = entry.get("plugin") or {}  # the package that provided it where the run was queued
+            source = " ".join(str(plugin[key]) for key in ("distribution", "version") if plugin.get(key))
+            queued_from = f" (queued from {source})" if source else ""
+            component = self.registry.components[kind].get(entry["name"])
+            if component is None:
+                return f"worker {self.id} has no {kind} {entry['name']!r}{queued_from}"
+            unknown = [name for name in entry.get("options", {}) if component.option(name) is None]
+            if unknown:
+                return (f"worker {self.id} has {kind} {entry['name']!r} from {component.distribution} "
+                        f"{component.version}, without option {', '.join(unknown)}{queued_from}")
         trainer = spec["trainer"]
         try:
             plan(trainer["gpus"], trainer["batch_size"], trainer["accum"], self.devices, self.hosts)

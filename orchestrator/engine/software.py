@@ -23,7 +23,7 @@ import torch.distributed as dist
 import orchestrator
 from orchestrator.errors import UserError
 from orchestrator.registry import Registry
-from orchestrator.spec import SLOTS
+from orchestrator.spec import spec_components
 
 
 def fingerprint(registry: Registry, spec: dict[str, Any]) -> dict[str, str]:
@@ -35,17 +35,15 @@ def fingerprint(registry: Registry, spec: dict[str, Any]) -> dict[str, str]:
         "DeepSpeed": importlib.metadata.version("deepspeed"),
         "orch": f"{orchestrator.__version__}, source {_digest(engine_source)}",
     }
-    for slot, kind in SLOTS.items():
-        entries = spec.get(slot) or []
-        for entry in entries if isinstance(entries, list) else [entries]:
-            component = registry.components[kind].get(entry["name"])
-            if component is None:  # said here, not raised: the other ranks would wait for this one's fingerprint
-                found[f"{kind} {entry['name']}"] = "not installed"
-                continue
-            module = component.target.partition(":")[0] if isinstance(component.target, str) \
-                else component.target.__module__
-            package = f"{component.distribution} {component.version}"
-            found[f"{kind} {entry['name']}"] = f"{package}, {module} {_source(module)}"
+    for kind, entry in spec_components(spec):
+        component = registry.components[kind].get(entry["name"])
+        if component is None:  # said here, not raised: the other ranks would wait for this one's fingerprint
+            found[f"{kind} {entry['name']}"] = "not installed"
+            continue
+        module = component.target.partition(":")[0] if isinstance(component.target, str) \
+            else component.target.__module__
+        package = f"{component.distribution} {component.version}"
+        found[f"{kind} {entry['name']}"] = f"{package}, {module} {_source(module)}"
     return found
 
 
